@@ -1,0 +1,319 @@
+"""The durable spool: one data file and one envelope file per message.
+
+Layout under `spool_directory`:
+    input/ID-D   the message as received (Received: header first, CRLF lines)
+    input/ID-H   the envelope, msgpack (see `Envelope`); its presence is what
+                 makes a message exist: it is renamed into place last
+    input/ID-T   an envelope being written (never seen by queue runners)
+    input/ID-J   the delivery journal: one line per recipient delivered or failed
+    input/ID-R   per-message retry state, msgpack (written by queue runners)
+    corrupt/     files set aside because they could not be read
+
+The receive path writes -D and -T, makes them durable, renames -T to -H and
+makes the directory durable; only then does the session send 250.  The
+durability step is `commit_batch`, which takes many messages at once so that
+one fsync of the directory serves all of them (group commit).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
+
+import msgpack
+
+ENVELOPE_VERSION = 1
+WRITE_CHUNK = 256 * 1024
+
+
+@dataclass
+class Envelope:
+    id: str
+    sender: str
+    recipients: list[str]
+    received_time: float
+    size: int = 0
+    host_address: str = ""
+    host_port: int = 0
+    helo: str = ""
+    protocol: str = "esmtp"
+    interface_address: str = ""
+    interface_port: int = 0
+    proxy_address: str = ""
+    proxy_port: int = 0
+    body_type: str = "7BIT"
+    tls_cipher: str = ""
+    message_id_header: str = ""
+    bounce_of: str = ""
+    variables: dict[str, str] = field(default_factory=dict)
+    version: int = ENVELOPE_VERSION
+
+    def pack(self) -> bytes:
+        return msgpack.packb(asdict(self), use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Envelope":
+        fields = msgpack.unpackb(data, raw=False)
+        if not isinstance(fields, dict) or fields.get("version") != ENVELOPE_VERSION:
+            raise SpoolError("envelope is not a version-1 msgpack map")
+        known = {name: fields[name] for name in cls.__dataclass_fields__ if name in fields}
+        try:
+            return cls(**known)
+        except TypeError as exc:
+            raise SpoolError(f"envelope is incomplete: {exc}") from None
+
+
+class SpoolError(Exception):
+    """A spool file that cannot be read or written."""
+
+
+class Spool:
+    """Paths and file operations; one per process (it keeps a directory fd)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.input = os.path.join(directory, "input")
+        self.corrupt = os.path.join(directory, "corrupt")
+        self._input_fd: int | None = None
+
+    def create_directories(self, mode: int = 0o750) -> None:
+        for path in (self.directory, self.input, self.corrupt):
+            os.makedirs(path, mode=mode, exist_ok=True)
+
+    def path(self, message_id: str, suffix: str) -> str:
+        return os.path.join(self.input, f"{message_id}-{suffix}")
+
+    @property
+    def input_fd(self) -> int:
+        if self._input_fd is None:
+            self._input_fd = os.open(self.input, os.O_RDONLY | os.O_DIRECTORY)
+        return self._input_fd
+
+    def sync_directory(self) -> None:
+        os.fsync(self.input_fd)
+
+    def message_ids(self) -> list[str]:
+        """Every message with an envelope, oldest first (ids sort by time)."""
+        names = os.listdir(self.input)
+        return sorted(name[:-2] for name in names if name.endswith("-H"))
+
+    def read_envelope(self, message_id: str) -> Envelope:
+        path = self.path(message_id, "H")
+        try:
+            with open(path, "rb") as handle:
+                return Envelope.unpack(handle.read())
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
+            raise SpoolError(f"{path}: {exc}") from None
+
+    def write_envelope(self, envelope: Envelope) -> None:
+        """Replace the envelope atomically (used for rewrites by queue runners)."""
+        self.write_atomically(envelope.id, "H", envelope.pack())
+
+    def write_atomically(self, message_id: str, suffix: str, data: bytes) -> None:
+        temporary = self.path(message_id, suffix + ".new")
+        write_file_synced(temporary, data)
+        os.rename(temporary, self.path(message_id, suffix))
+        self.sync_directory()
+
+    def data_size(self, message_id: str) -> int:
+        return os.stat(self.path(message_id, "D")).st_size
+
+    def remove_message(self, message_id: str) -> None:
+        """Delete every file of a message, the envelope first (so a crash
+        half-way leaves at worst orphan files, never a message without data)."""
+        for suffix in ("H", "D", "J", "R", "T"):
+            try:
+                os.unlink(self.path(message_id, suffix))
+            except FileNotFoundError:
+                continue
+        self.sync_directory()
+
+    def set_aside(self, message_id: str) -> list[str]:
+        """Move a message's files to corrupt/; returns what was moved."""
+        moved = []
+        for suffix in ("H", "D", "J", "R"):
+            source = self.path(message_id, suffix)
+            if os.path.exists(source):
+                os.rename(source, os.path.join(self.corrupt, f"{message_id}-{suffix}"))
+                moved.append(source)
+        self.sync_directory()
+        return moved
+
+    def orphans(self) -> Iterator[str]:
+        """Data or temporary files with no envelope: never acknowledged."""
+        names = set(os.listdir(self.input))
+        for name in names:
+            stem, _, suffix = name.rpartition("-")
+            if suffix in ("D", "T") and f"{stem}-H" not in names:
+                yield os.path.join(self.input, name)
+
+    def lock_message(self, message_id: str) -> int | None:
+        """An exclusive lock on the envelope, or None if another holds it
+        (or the message is gone).  The kernel drops it if the holder dies."""
+        try:
+            fd = os.open(self.path(message_id, "H"), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def read_journal(self, message_id: str) -> dict[str, str]:
+        """Recipients already done -> outcome ("delivered" or "failed")."""
+        try:
+            with open(self.path(message_id, "J"), "rb") as handle:
+                lines = handle.read().decode("utf-8", "replace").split("\n")
+        except FileNotFoundError:
+            return {}
+        done = {}
+        for line in lines[:-1]:  # the last piece is empty or a torn write
+            outcome, _, recipient = line.partition(" ")
+            if outcome in ("delivered", "failed") and recipient:
+                done[recipient] = outcome
+        return done
+
+    def journal(self, message_id: str, outcomes: Iterable[tuple[str, str]]) -> None:
+        """Append recipients' final outcomes, durably, before they are logged."""
+        text = "".join(f"{outcome} {recipient}\n" for recipient, outcome in outcomes)
+        fd = os.open(self.path(message_id, "J"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_file_synced(path: str, data: bytes, mode: int = 0o600) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class IncomingMessage:
+    """A message being received: its -D file open for writing.
+
+    Data is gathered in memory and written in large pieces; `finish` writes
+    the envelope to -T.  Neither is visible to queue runners until
+    `commit_batch` renames -T to -H.
+    """
+
+    def __init__(self, spool: Spool, message_id: str) -> None:
+        self.spool = spool
+        self.id = message_id
+        self.size = 0
+        self._pending = bytearray()
+        self._data_fd = os.open(spool.path(message_id, "D"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._envelope_fd: int | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._pending += data
+        self.size += len(data)
+        if len(self._pending) >= WRITE_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            write_all(self._data_fd, self._pending)
+            self._pending.clear()
+
+    def finish(self, envelope: Envelope) -> None:
+        """Write out everything; the message is then ready for `commit_batch`."""
+        self._flush()
+        fd = os.open(self.spool.path(self.id, "T"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._envelope_fd = fd
+        write_all(fd, envelope.pack())
+
+    def sync_files(self) -> None:
+        os.fsync(self._data_fd)
+        if self._envelope_fd is not None:
+            os.fsync(self._envelope_fd)
+
+    def publish(self) -> None:
+        os.rename(self.spool.path(self.id, "T"), self.spool.path(self.id, "H"))
+
+    def close(self) -> None:
+        for fd in (self._data_fd, self._envelope_fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self._data_fd = self._envelope_fd = -1
+
+    def discard(self) -> None:
+        """Abandon the message: nothing of it stays in the spool."""
+        self.close()
+        for suffix in ("T", "H", "D"):
+            try:
+                os.unlink(self.spool.path(self.id, suffix))
+            except FileNotFoundError:
+                continue
+
+
+def commit_batch(spool: Spool, messages: list[IncomingMessage], method: str = "syncfs") -> list[BaseException | None]:
+    """Make every message durable; one sync serves the whole batch.
+
+    Returns one result per message: None when durable, else the error (the
+    message is then discarded and its session answers with a temporary
+    failure).  Runs in a thread: it only blocks in the kernel.
+
+    With `syncfs` (the default) the envelopes are renamed into place first
+    and one syncfs(2) makes data, envelopes and the directory durable
+    together: one journal commit for the batch instead of three fsyncs per
+    message.  A crash before it completes can leave an envelope whose data
+    is short; nothing was acknowledged then, and queue runners check the
+    data size recorded in the envelope and set such a message aside.  With
+    `fsync` each file is fsynced before its rename and the directory after.
+    """
+    results: list[BaseException | None] = []
+    published = []
+    for message in messages:
+        try:
+            if method == "fsync":
+                message.sync_files()
+            message.publish()
+            published.append(message)
+            results.append(None)
+        except OSError as exc:
+            message.discard()
+            results.append(exc)
+    if published:
+        try:
+            if method == "fsync":
+                spool.sync_directory()
+            else:
+                syncfs(spool.input_fd)
+        except OSError as exc:
+            for message in published:
+                message.discard()
+            return [exc if result is None else result for result in results]
+    for message in published:
+        message.close()
+    return results
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): the os module has no binding for it."""
+    if _libc.syncfs(fd) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -1,0 +1,258 @@
+"""Open-connection counts shared by the SMTP workers.
+
+Serves ``smtp_accept_max`` (the total), ``smtp_accept_max_per_host`` and
+``smtp_accept_max_per_proxy`` (per key: callers use distinct keys for the
+real client and for the proxy, e.g. ``b"h:" + ip`` and ``b"p:" + ip``).
+
+One anonymous MAP_SHARED region created by the master before it forks; the
+counts are lost on restart, which is right since the connections are too.
+The region has one *slot per worker*: a worker writes only its own slot, so
+writers need no lock, and a dead worker cannot leak counts: the master
+calls :meth:`ConnCounts.clear_slot` when it reaps it, before giving the slot
+to a new worker (size ``n_slots`` for both generations of a reload).
+Readers in any process sum over the slots.
+
+Each slot: ``version u32 | pad | total i64 | overflow i64 | used u32 |
+capacity u32`` then ``capacity`` entries of ``digest[16] | count i32 |
+pad``.  A key is represented by its 16-byte BLAKE2b digest (never all
+zero: the low bit of the first byte is forced on).  Entries whose count
+drops to zero stay as tombstones until the slot is compacted (when used
+entries pass 3/4 of the capacity).
+
+Readers use the version as a seqlock: the writer makes it odd while
+changing the slot and even afterwards; a reader retries while it is odd or
+changes.  A writer killed mid-update leaves it odd until the master clears
+the slot, so after a bounded number of retries the reader takes what it
+read (counts are then at most one connection off).
+
+Full slot: if a slot has no free entry for a new key (more distinct keys
+than ``capacity``, which is twice ``keys_per_slot``), the connection is
+still counted in the total, and the key is counted in the slot's
+``overflow`` instead: :meth:`ConnCounts.count` does not see it (an
+under-count for that key), :meth:`snapshot` shows the overflow.  Nothing
+raises.  Size ``keys_per_slot`` to twice the connections a worker may hold
+and this cannot happen.
+
+Admission: counting and checking are separate steps, so two workers can
+race.  Add first, then compare ``count()``/``total()`` with the limit and
+remove again if over: the limit is then never exceeded (at worst two
+simultaneous arrivals are both refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import struct
+from typing import Callable, NamedTuple, TypeVar
+
+T = TypeVar("T")
+
+_HEADER = struct.Struct("<IIqqII")  # version pad total overflow used capacity
+_ENTRY = struct.Struct("<16siI")    # digest count pad
+_DIGEST_SIZE = 16
+_EMPTY = bytes(_DIGEST_SIZE)
+_READ_RETRIES = 200
+_U32 = 0xFFFFFFFF
+
+
+class SlotStats(NamedTuple):
+    """One worker slot, for status output."""
+
+    total: int
+    keys: int
+    overflow: int
+
+
+def key_digest(key: bytes | str) -> bytes:
+    """The fixed-size, never-empty representation of a key."""
+    raw = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+    digest = bytearray(hashlib.blake2b(raw, digest_size=_DIGEST_SIZE).digest())
+    digest[0] |= 1
+    return bytes(digest)
+
+
+def _capacity_for(keys_per_slot: int) -> int:
+    capacity = 8
+    while capacity < 2 * keys_per_slot:
+        capacity *= 2
+    return capacity
+
+
+class _SlotView:
+    """Reading one slot of the region (any process)."""
+
+    def __init__(self, mm: mmap.mmap, base: int, capacity: int) -> None:
+        self._mm = mm
+        self._base = base
+        self._capacity = capacity
+        self._mask = capacity - 1
+
+    def _entry_offset(self, index: int) -> int:
+        return self._base + _HEADER.size + index * _ENTRY.size
+
+    def _header(self) -> tuple[int, int, int, int, int, int]:
+        return _HEADER.unpack_from(self._mm, self._base)
+
+    def _probe(self, digest: bytes) -> tuple[int | None, int | None]:
+        """(index holding ``digest`` or None, first reusable index or None)."""
+        index = int.from_bytes(digest[1:9], "little") & self._mask
+        reusable = None
+        for _ in range(self._capacity):
+            found, count, _ = _ENTRY.unpack_from(self._mm, self._entry_offset(index))
+            if found == digest:
+                return index, reusable
+            if found == _EMPTY:
+                return None, index if reusable is None else reusable
+            if count == 0 and reusable is None:
+                reusable = index
+            index = (index + 1) & self._mask
+        return None, reusable
+
+    def _count_unlocked(self, digest: bytes) -> int:
+        index, _ = self._probe(digest)
+        if index is None:
+            return 0
+        return _ENTRY.unpack_from(self._mm, self._entry_offset(index))[1]
+
+    def _consistent(self, read: Callable[[], T]) -> T:
+        """Run ``read()`` inside the seqlock protocol; after bounded retries
+        (a writer that died mid-update) return the last, possibly torn, read."""
+        attempts = 0
+        while True:
+            before = _HEADER.unpack_from(self._mm, self._base)[0]
+            value = read()
+            after = _HEADER.unpack_from(self._mm, self._base)[0]
+            attempts += 1
+            if (before == after and not before & 1) or attempts >= _READ_RETRIES:
+                return value
+
+    def count(self, digest: bytes) -> int:
+        return self._consistent(lambda: self._count_unlocked(digest))
+
+    def total(self) -> int:
+        return self._consistent(self._header)[2]
+
+    def stats(self) -> SlotStats:
+        _, _, total, overflow, _, _ = self._consistent(self._header)
+        live = self._consistent(self._live_keys)
+        return SlotStats(total, live, overflow)
+
+    def _live_keys(self) -> int:
+        live = 0
+        for index in range(self._capacity):
+            found, count, _ = _ENTRY.unpack_from(self._mm, self._entry_offset(index))
+            live += found != _EMPTY and count > 0
+        return live
+
+
+class SlotWriter(_SlotView):
+    """The owning worker's handle on its slot.  Not for other processes."""
+
+    def add(self, *keys: bytes | str) -> None:
+        """Count one connection, identified by ``keys`` (each counted once)."""
+        self._change(+1, keys)
+
+    def remove(self, *keys: bytes | str) -> None:
+        """Uncount a connection previously added with the same keys."""
+        self._change(-1, keys)
+
+    def _change(self, delta: int, keys: tuple[bytes | str, ...]) -> None:
+        digests = [key_digest(key) for key in keys]
+        version, pad, total, overflow, used, capacity = self._header()
+        _HEADER.pack_into(self._mm, self._base, version | 1, pad,
+                          total, overflow, used, capacity)
+        total = max(0, total + delta)
+        for digest in digests:
+            overflow, used = self._bump(digest, delta, overflow, used)
+        if used * 4 > capacity * 3:
+            used = self._compact()
+        _HEADER.pack_into(self._mm, self._base, ((version | 1) + 1) & _U32, pad,
+                          total, overflow, used, capacity)
+
+    def _bump(self, digest: bytes, delta: int, overflow: int, used: int) -> tuple[int, int]:
+        """Apply ``delta`` to one key; returns the new (overflow, used)."""
+        index, reusable = self._probe(digest)
+        if index is not None:
+            offset = self._entry_offset(index)
+            count = _ENTRY.unpack_from(self._mm, offset)[1]
+            if delta > 0 or count > 0:
+                _ENTRY.pack_into(self._mm, offset, digest, count + delta, 0)
+                return overflow, used
+        if delta < 0:
+            return max(0, overflow - 1), used
+        if reusable is None:
+            return overflow + 1, used
+        offset = self._entry_offset(reusable)
+        was_empty = _ENTRY.unpack_from(self._mm, offset)[0] == _EMPTY
+        _ENTRY.pack_into(self._mm, offset, digest, 1, 0)
+        return overflow, used + was_empty
+
+    def _compact(self) -> int:
+        """Drop tombstones by re-inserting the live entries; returns used."""
+        live = []
+        for index in range(self._capacity):
+            found, count, _ = _ENTRY.unpack_from(self._mm, self._entry_offset(index))
+            if found != _EMPTY and count > 0:
+                live.append((found, count))
+        start = self._entry_offset(0)
+        self._mm[start:start + self._capacity * _ENTRY.size] = bytes(self._capacity * _ENTRY.size)
+        for digest, count in live:
+            _, free = self._probe(digest)
+            _ENTRY.pack_into(self._mm, self._entry_offset(free), digest, count, 0)
+        return len(live)
+
+
+class ConnCounts:
+    """The whole region: readers for everyone, writers per slot."""
+
+    def __init__(self, mm: mmap.mmap, n_slots: int, capacity: int) -> None:
+        self._mm = mm
+        self.n_slots = n_slots
+        self.capacity = capacity
+        self._slot_size = _HEADER.size + capacity * _ENTRY.size
+        self._views = [_SlotView(mm, i * self._slot_size, capacity) for i in range(n_slots)]
+
+    @classmethod
+    def create(cls, n_slots: int, keys_per_slot: int) -> "ConnCounts":
+        """Allocate the anonymous shared region (master, before forking)."""
+        if n_slots < 1 or keys_per_slot < 1:
+            raise ValueError("n_slots and keys_per_slot must be positive")
+        capacity = _capacity_for(keys_per_slot)
+        slot_size = _HEADER.size + capacity * _ENTRY.size
+        mm = mmap.mmap(-1, n_slots * slot_size, mmap.MAP_SHARED)
+        for index in range(n_slots):
+            _HEADER.pack_into(mm, index * slot_size, 0, 0, 0, 0, 0, capacity)
+        return cls(mm, n_slots, capacity)
+
+    def slot(self, index: int) -> SlotWriter:
+        """The writer for slot ``index``: use it in that worker only."""
+        self._check_index(index)
+        return SlotWriter(self._mm, index * self._slot_size, self.capacity)
+
+    def clear_slot(self, index: int) -> None:
+        """Forget a dead worker's connections (master, after reaping it)."""
+        self._check_index(index)
+        base = index * self._slot_size
+        version = _HEADER.unpack_from(self._mm, base)[0] | 1
+        _HEADER.pack_into(self._mm, base, version, 0, 0, 0, 0, self.capacity)
+        entries = base + _HEADER.size
+        self._mm[entries:base + self._slot_size] = bytes(self._slot_size - _HEADER.size)
+        _HEADER.pack_into(self._mm, base, (version + 1) & _U32, 0, 0, 0, 0, self.capacity)
+
+    def total(self) -> int:
+        """Open connections over all workers."""
+        return sum(view.total() for view in self._views)
+
+    def count(self, key: bytes | str) -> int:
+        """Open connections with ``key`` over all workers."""
+        digest = key_digest(key)
+        return sum(view.count(digest) for view in self._views)
+
+    def snapshot(self) -> list[SlotStats]:
+        """Per-slot totals, live keys and overflow, for status output."""
+        return [view.stats() for view in self._views]
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.n_slots:
+            raise IndexError(f"slot {index} not in 0..{self.n_slots - 1}")
