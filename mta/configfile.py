@@ -7,7 +7,8 @@ Exim's rules, which this follows:
 - `#` starts a comment only as the first non-blank character of a line.
 - A trailing backslash joins the next line, whose leading blanks are dropped.
 - A line `NAME = value` in the main section, NAME starting with an upper-case
-  letter, defines a macro; later lines have whole-word occurrences replaced.
+  letter, defines a macro; later lines have it replaced where a word starts
+  with its name.
 - `.include FILE` and `.include_if_exists FILE` insert another file (a
   relative name is taken from the including file's folder).
 """
@@ -140,8 +141,17 @@ def _replace_macros(text: str, macros: dict[str, str]) -> str:
 
 
 def _replace_words(text: str, macros: dict[str, str]) -> str:
+    """Exim's rule: where an upper-case letter starts a word, the most
+    recently defined macro whose name is a prefix of the text there is
+    replaced (so `LIMITM` with LIMIT=5 gives `5M`)."""
+    newest_first = sorted(macros, key=list(macros).index, reverse=True)
+
     def substitute(match: re.Match) -> str:
-        return macros.get(match.group(0), match.group(0))
+        word = match.group(0)
+        for name in newest_first:
+            if word.startswith(name):
+                return macros[name] + word[len(name):]
+        return word
 
     return re.sub(r"(?<![A-Za-z0-9_$])[A-Z][A-Za-z0-9_]*", substitute, text)
 

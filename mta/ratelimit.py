@@ -41,9 +41,10 @@ import hashlib
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 # Exim's ACL_WHERE_* order: the stages up to "not_smtp" are "in a message".
 ACL_STAGES = (

@@ -12,7 +12,7 @@ calls :meth:`ConnCounts.clear_slot` when it reaps it, before giving the slot
 to a new worker (size ``n_slots`` for both generations of a reload).
 Readers in any process sum over the slots.
 
-Each slot: ``version u32 | pad | total i64 | overflow i64 | used u32 |
+Each slot: ``version u32 | writer pid u32 | total i64 | overflow i64 | used u32 |
 capacity u32`` then ``capacity`` entries of ``digest[16] | count i32 |
 pad``.  A key is represented by its 16-byte BLAKE2b digest (never all
 zero: the low bit of the first byte is forced on).  Entries whose count
@@ -21,9 +21,13 @@ entries pass 3/4 of the capacity).
 
 Readers use the version as a seqlock: the writer makes it odd while
 changing the slot and even afterwards; a reader retries while it is odd or
-changes.  A writer killed mid-update leaves it odd until the master clears
-the slot, so after a bounded number of retries the reader takes what it
-read (counts are then at most one connection off).
+changes.  A writer can be preempted mid-update for milliseconds, so a
+reader that keeps seeing an odd version yields (``gevent.sleep``, never
+blocking the hub) and tries again for as long as the writer, whose pid is
+in the slot header, is alive.  A writer killed mid-update leaves the
+version odd until the master clears the slot: readers then take what they
+read (counts at most one connection off); after ``read_timeout`` they do
+so too, in case the writer is stopped or not yet reaped.
 
 Full slot: if a slot has no free entry for a new key (more distinct keys
 than ``capacity``, which is twice ``keys_per_slot``), the connection is
@@ -43,17 +47,36 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import struct
-from typing import Callable, NamedTuple, TypeVar
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import gevent
 
 T = TypeVar("T")
 
-_HEADER = struct.Struct("<IIqqII")  # version pad total overflow used capacity
+_HEADER = struct.Struct("<IIqqII")  # version pid total overflow used capacity
+_VERSION = struct.Struct("<I")
 _ENTRY = struct.Struct("<16siI")    # digest count pad
 _DIGEST_SIZE = 16
 _EMPTY = bytes(_DIGEST_SIZE)
-_READ_RETRIES = 200
+_SPINS = 100
 _U32 = 0xFFFFFFFF
+
+
+def _process_gone(pid: int) -> bool:
+    """True if no process ``pid`` exists (a zombie still counts as existing)."""
+    if pid == 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class SlotStats(NamedTuple):
@@ -82,11 +105,14 @@ def _capacity_for(keys_per_slot: int) -> int:
 class _SlotView:
     """Reading one slot of the region (any process)."""
 
-    def __init__(self, mm: mmap.mmap, base: int, capacity: int) -> None:
+    def __init__(self, mm: mmap.mmap, base: int, capacity: int,
+                 read_timeout: float, sleep: Callable[[float], Any]) -> None:
         self._mm = mm
         self._base = base
         self._capacity = capacity
         self._mask = capacity - 1
+        self._read_timeout = read_timeout
+        self._sleep = sleep
 
     def _entry_offset(self, index: int) -> int:
         return self._base + _HEADER.size + index * _ENTRY.size
@@ -116,16 +142,22 @@ class _SlotView:
         return _ENTRY.unpack_from(self._mm, self._entry_offset(index))[1]
 
     def _consistent(self, read: Callable[[], T]) -> T:
-        """Run ``read()`` inside the seqlock protocol; after bounded retries
-        (a writer that died mid-update) return the last, possibly torn, read."""
+        """Run ``read()`` inside the seqlock protocol (see the module doc)."""
         attempts = 0
+        deadline = None
         while True:
-            before = _HEADER.unpack_from(self._mm, self._base)[0]
+            before = _VERSION.unpack_from(self._mm, self._base)[0]
             value = read()
-            after = _HEADER.unpack_from(self._mm, self._base)[0]
-            attempts += 1
-            if (before == after and not before & 1) or attempts >= _READ_RETRIES:
+            if before == _VERSION.unpack_from(self._mm, self._base)[0] and not before & 1:
                 return value
+            attempts += 1
+            if attempts < _SPINS:
+                continue
+            now = time.monotonic()
+            deadline = deadline or now + self._read_timeout
+            if now > deadline or _process_gone(self._header()[1]):
+                return value
+            self._sleep(0.0002)
 
     def count(self, digest: bytes) -> int:
         return self._consistent(lambda: self._count_unlocked(digest))
@@ -149,6 +181,12 @@ class _SlotView:
 class SlotWriter(_SlotView):
     """The owning worker's handle on its slot.  Not for other processes."""
 
+    def claim(self) -> None:
+        """Record this process as the slot's writer."""
+        version, _, total, overflow, used, capacity = self._header()
+        _HEADER.pack_into(self._mm, self._base, version, os.getpid(), total,
+                          overflow, used, capacity)
+
     def add(self, *keys: bytes | str) -> None:
         """Count one connection, identified by ``keys`` (each counted once)."""
         self._change(+1, keys)
@@ -159,15 +197,15 @@ class SlotWriter(_SlotView):
 
     def _change(self, delta: int, keys: tuple[bytes | str, ...]) -> None:
         digests = [key_digest(key) for key in keys]
-        version, pad, total, overflow, used, capacity = self._header()
-        _HEADER.pack_into(self._mm, self._base, version | 1, pad,
-                          total, overflow, used, capacity)
+        version, pid, total, overflow, used, capacity = self._header()
+        writing = version | 1
+        _VERSION.pack_into(self._mm, self._base, writing)
         total = max(0, total + delta)
         for digest in digests:
             overflow, used = self._bump(digest, delta, overflow, used)
         if used * 4 > capacity * 3:
             used = self._compact()
-        _HEADER.pack_into(self._mm, self._base, ((version | 1) + 1) & _U32, pad,
+        _HEADER.pack_into(self._mm, self._base, (writing + 1) & _U32, pid,
                           total, overflow, used, capacity)
 
     def _bump(self, digest: bytes, delta: int, overflow: int, used: int) -> tuple[int, int]:
@@ -206,16 +244,25 @@ class SlotWriter(_SlotView):
 class ConnCounts:
     """The whole region: readers for everyone, writers per slot."""
 
-    def __init__(self, mm: mmap.mmap, n_slots: int, capacity: int) -> None:
+    def __init__(self, mm: mmap.mmap, n_slots: int, capacity: int,
+                 read_timeout: float = 0.5,
+                 sleep: Callable[[float], Any] = gevent.sleep) -> None:
         self._mm = mm
         self.n_slots = n_slots
         self.capacity = capacity
         self._slot_size = _HEADER.size + capacity * _ENTRY.size
-        self._views = [_SlotView(mm, i * self._slot_size, capacity) for i in range(n_slots)]
+        self._reading = (read_timeout, sleep)
+        self._views = [_SlotView(mm, i * self._slot_size, capacity, *self._reading)
+                       for i in range(n_slots)]
 
     @classmethod
-    def create(cls, n_slots: int, keys_per_slot: int) -> "ConnCounts":
-        """Allocate the anonymous shared region (master, before forking)."""
+    def create(cls, n_slots: int, keys_per_slot: int, *, read_timeout: float = 0.5,
+               sleep: Callable[[float], Any] = gevent.sleep) -> ConnCounts:
+        """Allocate the anonymous shared region (master, before forking).
+
+        ``read_timeout`` bounds how long a reader waits for a live writer
+        stuck mid-update; ``sleep`` is how readers yield meanwhile.
+        """
         if n_slots < 1 or keys_per_slot < 1:
             raise ValueError("n_slots and keys_per_slot must be positive")
         capacity = _capacity_for(keys_per_slot)
@@ -223,12 +270,15 @@ class ConnCounts:
         mm = mmap.mmap(-1, n_slots * slot_size, mmap.MAP_SHARED)
         for index in range(n_slots):
             _HEADER.pack_into(mm, index * slot_size, 0, 0, 0, 0, 0, capacity)
-        return cls(mm, n_slots, capacity)
+        return cls(mm, n_slots, capacity, read_timeout, sleep)
 
     def slot(self, index: int) -> SlotWriter:
-        """The writer for slot ``index``: use it in that worker only."""
+        """The writer for slot ``index``, claimed by the calling process:
+        call it in the worker (after the fork) and use it there only."""
         self._check_index(index)
-        return SlotWriter(self._mm, index * self._slot_size, self.capacity)
+        writer = SlotWriter(self._mm, index * self._slot_size, self.capacity, *self._reading)
+        writer.claim()
+        return writer
 
     def clear_slot(self, index: int) -> None:
         """Forget a dead worker's connections (master, after reaping it)."""

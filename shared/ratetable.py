@@ -53,14 +53,16 @@ import os
 import struct
 import time
 import zlib
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import gevent
 
 MAGIC = b"MTARATE\0"
 VERSION = 1
 HEADER_SIZE = 64
-_HEADER = struct.Struct("<8sIIIIII16s")  # magic version slots probe key_max blob_size record_size salt
+# magic, version, slots, probe, key_max, blob_size, record_size, salt
+_HEADER = struct.Struct("<8sIIIIII16s")
 _SEQ = struct.Struct("<I")
 _CRC_OFFSET = 4
 _META = struct.Struct("<HHHdd")  # key_len blob_len flags time rate
@@ -181,7 +183,7 @@ class RateTable:
     @classmethod
     def create(cls, path: str, slots: int, *, probe: int = 16, key_max: int = 200,
                blob_size: int = 128, lock_timeout: float = 1.0,
-               sleep: Callable[[float], Any] = gevent.sleep) -> "RateTable":
+               sleep: Callable[[float], Any] = gevent.sleep) -> RateTable:
         """Open the table at ``path``, or (re)create it.
 
         An existing file of this format and geometry is used as it is.  Any
@@ -214,7 +216,7 @@ class RateTable:
     @classmethod
     def _build(cls, path: str, geometry: _Geometry,
                carried: list[tuple[bytes, int, Record]], reason: str | None,
-               options: dict[str, Any]) -> "RateTable":
+               options: dict[str, Any]) -> RateTable:
         salt = os.urandom(16)
         tmp = f"{path}.new.{os.getpid()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -236,7 +238,7 @@ class RateTable:
         return table
 
     @classmethod
-    def open(cls, path: str) -> "RateTable":
+    def open(cls, path: str) -> RateTable:
         """Map an existing table read-only (for dumps); never modifies it."""
         fd, mm = _map_file(path, writable=False)
         geometry, salt, problem = _read_header(mm)

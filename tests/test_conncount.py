@@ -3,7 +3,10 @@ dead workers cleared by the master, overflow and compaction."""
 
 import os
 import signal
+import struct
+import time
 
+import gevent
 import pytest
 
 from shared.conncount import ConnCounts, SlotStats
@@ -143,3 +146,40 @@ def test_reader_sees_consistent_counts_while_writer_churns():
     assert status == 0
     assert readings <= {5, 6} and len(readings) == 2
     assert counts.count("steady") == 5
+
+
+def _stuck_mid_update(counts, index, pid):
+    """Make slot ``index`` look as if writer ``pid`` stopped mid-update."""
+    base = index * (counts._slot_size)
+    version = struct.unpack_from("<I", counts._mm, base)[0]
+    struct.pack_into("<II", counts._mm, base, version | 1, pid)
+
+
+def test_reader_does_not_wait_for_a_dead_writer():
+    counts = ConnCounts.create(2, 8, read_timeout=30.0)
+    pid = _fork(lambda: counts.slot(1).add("k"))
+    assert os.waitpid(pid, 0)[1] == 0
+    _stuck_mid_update(counts, 1, pid)
+    started = time.monotonic()
+    assert counts.count("k") == 1 and counts.total() == 1
+    assert time.monotonic() - started < 1.0
+    counts.clear_slot(1)
+    assert counts.count("k") == 0
+
+
+def test_reader_gives_up_on_a_stopped_writer_after_the_timeout():
+    counts = ConnCounts.create(1, 8, read_timeout=0.2)
+    pid = _fork(lambda: time.sleep(30))
+    try:
+        counts.slot(0).add("k")
+        _stuck_mid_update(counts, 0, pid)
+        ticks = []
+        ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(100)])
+        started = time.monotonic()
+        assert counts.count("k") == 1
+        assert 0.2 <= time.monotonic() - started < 2.0
+        assert len(ticks) >= 5          # the reader yielded to the hub meanwhile
+        ticker.kill()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
