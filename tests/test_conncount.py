@@ -123,6 +123,12 @@ def test_workers_in_processes_and_a_killed_worker():
     assert counts.count("h:192.0.2.1") == 0
 
 
+def _busy(seconds):
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
 def test_reader_sees_consistent_counts_while_writer_churns():
     counts = ConnCounts.create(2, 8)
     go_read, go_write = os.pipe()
@@ -132,8 +138,9 @@ def test_reader_sees_consistent_counts_while_writer_churns():
         for _ in range(5):
             slot.add("steady")
         os.write(go_write, b"g")
-        for index in range(30000):
+        for index in range(20000):
             slot.add(f"churn{index % 13}", "steady")
+            _busy(20e-6)                      # stay a while in the "6" state
             slot.remove(f"churn{index % 13}", "steady")
 
     pid = _fork(churner)

@@ -10,9 +10,16 @@ import gevent
 import pytest
 
 from mta.ratelimit import ConnectionCache, check, evaluate, parse_ratelimit, update_rate
-from shared.ratetable import RateTable, RateTableBusy, RateTableFormatError, Record
+from shared.ratetable import (
+    HEADER_SIZE, RateTable, RateTableBusy, RateTableFormatError, Record,
+)
 
 KEY_OFFSET, RATE_OFFSET = 30, 22   # within a record: key bytes, rate field
+
+
+def _record_at(table, key):
+    """Offset of the record holding ``key``, found by its bytes past the header."""
+    return table._mm.find(key.encode(), HEADER_SIZE) - KEY_OFFSET
 
 
 def _count(record):
@@ -122,28 +129,28 @@ def test_full_window_evicts_the_stalest(path):
 
 def test_torn_and_corrupt_records_are_absent_and_reused(path):
     table = RateTable.create(path, 16)
-    table.update("torn", lambda prev: Record(1.0, 7.0))
-    table.update("corrupt", lambda prev: Record(1.0, 8.0))
+    table.update("torn-record", lambda prev: Record(1.0, 7.0))
+    table.update("corrupt-record", lambda prev: Record(1.0, 8.0))
     mm = table._mm
-    torn_at = mm.find(b"torn") - KEY_OFFSET
+    torn_at = _record_at(table, "torn-record")
     struct.pack_into("<I", mm, torn_at, struct.unpack_from("<I", mm, torn_at)[0] | 1)
-    corrupt_at = mm.find(b"corrupt") - KEY_OFFSET
+    corrupt_at = _record_at(table, "corrupt-record")
     struct.pack_into("<d", mm, corrupt_at + RATE_OFFSET, 99.0)   # CRC left stale
-    assert table.get("torn") is None and table.get("corrupt") is None
+    assert table.get("torn-record") is None and table.get("corrupt-record") is None
     assert {item.key for item in table.items()} == set()
     seen = []
-    table.update("torn", lambda prev: seen.append(prev) or Record(2.0, 1.0))
-    assert seen == [None] and table.get("torn") == Record(2.0, 1.0, b"")
+    table.update("torn-record", lambda prev: seen.append(prev) or Record(2.0, 1.0))
+    assert seen == [None] and table.get("torn-record") == Record(2.0, 1.0, b"")
 
 
 def test_sequence_number_wraps(path):
     table = RateTable.create(path, 16)
-    table.update("k", lambda prev: Record(1.0, 1.0))
-    at = table._mm.find(b"k") - KEY_OFFSET
+    table.update("wrapping-key", lambda prev: Record(1.0, 1.0))
+    at = _record_at(table, "wrapping-key")
     struct.pack_into("<I", table._mm, at, 0xFFFFFFFE)
-    table.update("k", _count)
+    table.update("wrapping-key", _count)
     assert struct.unpack_from("<I", table._mm, at)[0] == 0
-    assert table.get("k") == Record(2.0, 2.0, b"")
+    assert table.get("wrapping-key") == Record(2.0, 2.0, b"")
 
 
 # ---- concurrency with real processes ----------------------------------------
