@@ -6,7 +6,9 @@ what has arrived with MSG_PEEK, asks the pure parser whether a header is
 complete, and then takes exactly the header's bytes off the socket.  While
 the header is incomplete, everything that arrived belongs to it (the parser
 said so), so those bytes are consumed and kept, and the next wait is for new
-data rather than a busy loop over the same peeked bytes.
+data rather than a busy loop over the same peeked bytes.  When the header
+is bad, what has arrived of it is dropped, so that it is not then read as
+SMTP commands.
 """
 from __future__ import annotations
 
@@ -29,7 +31,11 @@ def read_exact_header(sock: socket.socket, timeout: float) -> ProxyHeader:
                 peeked = sock.recv(MAX_HEADER - len(received), socket.MSG_PEEK)
                 if not peeked:
                     raise ProxyProtocolError("connection closed before the PROXY header was complete")
-                result = parse(bytes(received) + peeked)
+                try:
+                    result = parse(bytes(received) + peeked)
+                except ProxyProtocolError:
+                    _consume(sock, len(peeked))  # a failed header is dropped whole, not read as commands
+                    raise
                 if result is not None:
                     header, consumed = result
                     _consume(sock, consumed - len(received))

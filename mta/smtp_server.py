@@ -248,6 +248,8 @@ class SmtpConnection:
                     oversize = True
                 else:
                     message.write(decoded)
+                    if message.needs_spill:
+                        gevent.get_hub().threadpool.apply(message.spill)
             if decoder.done:
                 self.buffer += after
                 return oversize, header_id or ""
@@ -375,7 +377,7 @@ class SmtpConnection:
     def _log_close(self) -> None:
         if not self.res.logs.selected("smtp_connection") or self.end_reason == "refused":
             return
-        how = "closed by QUIT" if self.end_reason == "QUIT" else f"lost ({self.end_reason})"
+        how = {"QUIT": "closed by QUIT", "lost": "lost"}.get(self.end_reason, f"closed ({self.end_reason})")
         self.res.logs.main(f"SMTP connection from {self._host()} {how}")
 
 

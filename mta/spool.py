@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import msgpack
 
 ENVELOPE_VERSION = 1
-WRITE_CHUNK = 256 * 1024
+SPILL_AT = 1024 * 1024  # bytes of a message held in memory before it goes to disk
 
 
 @dataclass
@@ -206,11 +206,14 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 class IncomingMessage:
-    """A message being received: its -D file open for writing.
+    """A message being received.
 
-    Data is gathered in memory and written in large pieces; `finish` writes
-    the envelope to -T.  Neither is visible to queue runners until
-    `commit_batch` renames -T to -H.
+    Its data is held in memory and reaches the disk in `commit_batch`, in
+    the committer's thread, so the receiving hub never waits on the file
+    system (creating a file can wait for a journal commit in progress).
+    A message larger than `SPILL_AT` is spilled to its -D file as it
+    arrives; the caller runs `spill` in a thread when `needs_spill` says so.
+    Nothing is visible to queue runners until -T is renamed to -H.
     """
 
     def __init__(self, spool: Spool, message_id: str) -> None:
@@ -218,31 +221,40 @@ class IncomingMessage:
         self.id = message_id
         self.size = 0
         self._pending = bytearray()
-        self._data_fd = os.open(spool.path(message_id, "D"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._data_fd: int | None = None
+        self._envelope: bytes = b""
         self._envelope_fd: int | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._pending += data
         self.size += len(data)
-        if len(self._pending) >= WRITE_CHUNK:
-            self._flush()
 
-    def _flush(self) -> None:
+    @property
+    def needs_spill(self) -> bool:
+        return len(self._pending) >= SPILL_AT
+
+    def spill(self) -> None:
+        """Write the data held so far to the -D file (blocking)."""
+        if self._data_fd is None:
+            self._data_fd = os.open(self.spool.path(self.id, "D"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         if self._pending:
             write_all(self._data_fd, self._pending)
             self._pending.clear()
 
     def finish(self, envelope: Envelope) -> None:
-        """Write out everything; the message is then ready for `commit_batch`."""
-        self._flush()
+        """Record the envelope; the message is then ready for `commit_batch`."""
+        self._envelope = envelope.pack()
+
+    def write_out(self) -> None:
+        """Write data and envelope files (blocking; in the committer's thread)."""
+        self.spill()
         fd = os.open(self.spool.path(self.id, "T"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self._envelope_fd = fd
-        write_all(fd, envelope.pack())
+        write_all(fd, self._envelope)
 
     def sync_files(self) -> None:
         os.fsync(self._data_fd)
-        if self._envelope_fd is not None:
-            os.fsync(self._envelope_fd)
+        os.fsync(self._envelope_fd)
 
     def publish(self) -> None:
         os.rename(self.spool.path(self.id, "T"), self.spool.path(self.id, "H"))
@@ -256,6 +268,7 @@ class IncomingMessage:
     def discard(self) -> None:
         """Abandon the message: nothing of it stays in the spool."""
         self.close()
+        self._pending.clear()
         for suffix in ("T", "H", "D"):
             try:
                 os.unlink(self.spool.path(self.id, suffix))
@@ -282,6 +295,7 @@ def commit_batch(spool: Spool, messages: list[IncomingMessage], method: str = "s
     published = []
     for message in messages:
         try:
+            message.write_out()
             if method == "fsync":
                 message.sync_files()
             message.publish()

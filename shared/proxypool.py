@@ -17,7 +17,7 @@ Readers combine the slots:
   which is system-wide on Linux): "down until T", "up", or "probing until T".
 
 Back-off: `mark_down` puts a proxy down for `backoff` seconds.  Failures during
-that period belong to the same outage and do not grow it.  Once it has passed,
+that period belong to the same outage and change nothing.  Once it has passed,
 the next dialer claims a probe (`begin_dial` records "probing" so other
 processes keep treating the proxy as down meanwhile); a failed probe doubles
 the back-off (up to MAX_BACKOFF), a success resets it.  Two processes may both
@@ -131,18 +131,23 @@ class ProxyPool:
 
     def mark_down(self, spec: ProxySpec, backoff: float = DEFAULT_BACKOFF,
                   now: float | None = None) -> float:
-        """Record a failure; returns the back-off applied (grows per failed probe)."""
+        """Record a failure; returns the back-off in force (grows per failed probe).
+
+        A failure while the proxy is already down (an attempt that began before
+        the mark, or a last-resort try) belongs to the same outage and changes
+        nothing.
+        """
         now = _now(now)
         key = self._key(spec)
         latest = self._latest(key)
-        same_outage = latest is not None and latest.state == DOWN and latest.down_until > now
         if latest is None or latest.state == UP:
             streak = 1
+        elif latest.state == DOWN and latest.down_until > now:
+            return _backoff(backoff, latest.streak)
         else:
-            streak = latest.streak if same_outage else latest.streak + 1
-        delay = min(backoff * 2 ** (streak - 1), MAX_BACKOFF)
-        until = max(now + delay, latest.down_until if same_outage else 0.0)
-        self._update_own(key, streak=streak, state=DOWN, observed_at=now, down_until=until)
+            streak = latest.streak + 1
+        delay = _backoff(backoff, streak)
+        self._update_own(key, streak=streak, state=DOWN, observed_at=now, down_until=now + delay)
         return delay
 
     def mark_up(self, spec: ProxySpec, now: float | None = None) -> None:
@@ -182,7 +187,7 @@ class ProxyPool:
     def snapshot(self, now: float | None = None) -> list[dict]:
         """Per proxy: ip, port, dials, failures, in_use, state, fail_streak, down_until.
 
-        down_until is wall-clock epoch seconds, or None when the proxy is up.
+        down_until is wall-clock epoch seconds, 0.0 when the proxy is up.
         """
         now = _now(now)
         rows: dict[_Key, dict] = {}
@@ -298,6 +303,10 @@ class ProxyLease:
         self.release()
 
 
+def _backoff(base: float, streak: int) -> float:
+    return min(base * 2 ** (streak - 1), MAX_BACKOFF)
+
+
 def _now(now: float | None) -> float:
     return time.monotonic() if now is None else now
 
@@ -321,4 +330,4 @@ def _add_health(row: dict, latest: _Record | None, now: float) -> None:
     down = latest is not None and latest.state != UP and latest.down_until > now
     row["state"] = _STATE_NAMES[latest.state] if down else "up"
     row["fail_streak"] = latest.streak if latest is not None else 0
-    row["down_until"] = time.time() + (latest.down_until - now) if down else None
+    row["down_until"] = time.time() + (latest.down_until - now) if down else 0.0

@@ -90,8 +90,8 @@ def dial(specs: list[ProxySpec], dest_ip: str, dest_port: int, deadline: float,
          source_address: tuple[str, int] | None = None) -> DialResult:
     """Connect to dest_ip:dest_port through the first proxy that works (see module doc)."""
     request = socks5.build_connect(dest_ip, dest_port)
-    end = time.monotonic() + deadline
     now = time.monotonic()
+    end = now + deadline
     is_down = (lambda spec: pool.is_down(spec, now)) if pool else (lambda spec: False)
     order = socks5.selection_order(specs, is_down, rng or random.SystemRandom())
     attempts: list[tuple[ProxySpec, str]] = []
@@ -120,7 +120,7 @@ def _attempt(spec: ProxySpec, request: bytes, end: float, pool: ProxyPool | None
     except SocksReplyError as exc:
         sock.close()
         if exc.destination_fault:
-            _blame_destination(spec, exc.reason, pool, lease, attempts)
+            raise _blame_destination(spec, exc.reason, pool, lease, attempts) from None
         _record_failure(spec, exc.reason, True, pool, lease, attempts)
         return None
     except (_AttemptFailed, SocksError) as exc:
@@ -134,13 +134,14 @@ def _attempt(spec: ProxySpec, request: bytes, end: float, pool: ProxyPool | None
 
 
 def _blame_destination(spec: ProxySpec, reason: str, pool: ProxyPool | None,
-                       lease: ProxyLease | None, attempts: list[tuple[ProxySpec, str]]) -> None:
+                       lease: ProxyLease | None,
+                       attempts: list[tuple[ProxySpec, str]]) -> "SocksDialError":
     """The proxy worked and the destination refused: stop here, the proxy stays up."""
     attempts.append((spec, reason))
     if pool:
         pool.mark_up(spec)
         lease.release()
-    raise SocksDialError(f"{reason} via proxy {spec}", attempts, destination_fault=True)
+    return SocksDialError(f"{reason} via proxy {spec}", attempts, destination_fault=True)
 
 
 def _record_failure(spec: ProxySpec, reason: str, fair: bool, pool: ProxyPool | None,

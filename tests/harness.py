@@ -101,7 +101,9 @@ class MtaServer:
 
     def _accepts(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            # from an address no test lists in hosts_proxy, so no PROXY header is due
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2,
+                                          source_address=("127.0.0.254", 0)) as sock:
                 sock.settimeout(5)
                 return sock.recv(100).startswith(b"220")
         except OSError:
@@ -161,13 +163,14 @@ class MtaServer:
             self.process.wait()
 
 
-def base_config(directory: str, port: int, extra: str = "", workers: int = 2, runners: int = 0) -> str:
+def base_config(directory: str, port: int, extra: str = "", workers: int = 2, runners: int = 0,
+                log_selector: str = "+smtp_connection") -> str:
     return f"""
 primary_hostname = mta.test
 local_interfaces = 127.0.0.1
 daemon_smtp_ports = {port}
 spool_directory = {directory}/spool
-log_selector = +smtp_connection
+{"" if "log_selector" in extra else "log_selector = " + log_selector}
 domainlist local_domains = localhost : mta.test
 smtp_workers = {workers}
 queue_runners = {runners}

@@ -85,6 +85,7 @@ class Master:
 
     def start(self) -> None:
         prepare_directories(self.config)
+        self._remove_orphans()
         self.shared = create_shared_state(self.config, self.logs)
         self.free_slots = list(range(1, self.shared.conncounts_slots))
         self._bind_listeners()
@@ -93,6 +94,14 @@ class Master:
             signal.signal(signum, self._enqueue_signal)
         listening = ", ".join(str(where) for where in self.listeners)
         self.logs.main(f"mta-server daemon started: pid={os.getpid()}, listening for SMTP on {listening}")
+
+    def _remove_orphans(self) -> None:
+        """Data files without an envelope are messages that were never
+        acknowledged (their session died); with no worker running yet,
+        none of them can still be in progress."""
+        for path in Spool(self.config.spool_directory).orphans():
+            os.unlink(path)
+            self.logs.main(f"removed unacknowledged spool file {path}")
 
     def _enqueue_signal(self, signum: int, frame) -> None:
         self.signals.append(signum)
@@ -176,6 +185,9 @@ class Master:
                 self._retire(worker)
 
     def _spawn(self, kind: str, index: int) -> None:
+        if not self.free_slots:
+            self.logs.panic(f"no free shared-memory slot for {kind} worker {index}; too many workers still draining")
+            return
         slot = self.free_slots.pop(0)
         status_path = os.path.join(runtime_directory(self.config), f"{kind}-{index}-{slot}.status")
         ctx = self._context(kind, index, slot)
