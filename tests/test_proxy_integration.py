@@ -221,3 +221,45 @@ def test_smtp_source_through_haproxy(mta, haproxy):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(server.spooled_ids()) == 300
+
+
+def test_hosts_proxy_file_is_reread_on_hup(mta, tmp_path):
+    listed = tmp_path / "proxies"
+    listed.write_text("# trusted load balancers\n127.0.0.9\n")
+    server = mta(f"hosts_proxy = {listed}\n{BANNER}")
+    header = build_v1("TCP4", "192.0.2.7", "192.0.2.1", 40000, 25)
+    client = raw_session(server.port, header)
+    assert banner_fields(client.reply())["h"].startswith("127.0.0.1:")  # not trusted: no header parsed
+    listed.write_text("127.0.0.9\n127.0.0.1\n")
+    server.signal_master(signal.SIGHUP)
+    server.wait_for_log("generation 2")
+    deadline = time.time() + 10
+    while True:
+        client = raw_session(server.port, header)
+        if banner_fields(client.reply())["h"] == "192.0.2.7:40000" or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert banner_fields(raw_session(server.port, header).reply())["h"] == "192.0.2.7:40000"
+
+
+def test_starttls_keeps_the_proxy_values(mta, tmp_path):
+    authority = trustme.CA()
+    cert = authority.issue_cert("mta.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    server = mta(f"hosts_proxy = 127.0.0.1\ntls_certificate = {tmp_path}/cert.pem\n"
+                 f"tls_privatekey = {tmp_path}/key.pem\nlog_selector = +proxy")
+    context = ssl.create_default_context()
+    authority.configure_trust(context)
+    raw = socket.create_connection(("127.0.0.1", server.port))
+    raw.sendall(build_v2("PROXY", "INET", "198.51.100.4", "198.51.100.1", 5555, 25))
+    smtp = smtplib.SMTP(timeout=10)
+    smtp.sock, smtp.file, smtp._host = raw, None, "mta.test"
+    assert smtp.getreply()[0] == 220
+    smtp.ehlo("c.example")
+    smtp.starttls(context=context)
+    smtp.ehlo("c.example")
+    smtp.sendmail("a@example.org", ["u@localhost"], MESSAGE)
+    smtp.quit()
+    log = server.wait_for_log(" <= a@example.org")
+    assert re.search(r"H=\(c.example\) \[198.51.100.4\] P=esmtps X=\S+ PRX=127.0.0.1 S=", log)
