@@ -34,44 +34,56 @@ class ConnectionLimits:
 
 
 class ConnectionGate:
-    """One per worker; `slot` is this worker's writer in the shared counts."""
+    """One per worker; `slot` is this worker's writer in the shared counts.
+
+    A connection is counted first and checked after, and uncounted if it is
+    over a limit: two workers admitting at the same moment can then both
+    refuse, but a limit is never exceeded.  Per-host and per-proxy keys are
+    kept only when their limit is set, so an unlimited server pays nothing.
+    """
 
     def __init__(self, limits: ConnectionLimits, counts, slot, logs: Logs) -> None:
         self.limits = limits
         self.counts = counts
         self.slot = slot
         self.logs = logs
-        self._held: dict[int, tuple[str, ...]] = {}
+        self._held: dict[int, list[str]] = {}
 
     def admit_peer(self, token: int, peer_address: str, is_proxy: bool) -> None:
         """At accept: the global limit, and the per-proxy one for proxies."""
         limits = self.limits
-        keys = ("all", f"p:{peer_address}") if is_proxy else ("all",)
-        if limits.accept_max and self.counts.count("all") >= limits.accept_max:
+        keys = [f"p:{peer_address}"] if is_proxy and limits.per_proxy else []
+        self.slot.add(*keys)
+        self._held[token] = keys
+        if limits.accept_max and self.counts.total() > limits.accept_max:
+            self.leave(token)
             raise LimitReached(
                 "421 Too many concurrent SMTP connections; please try again later.",
                 f"Connection from [{peer_address}] refused: too many connections",
             )
-        if is_proxy and limits.per_proxy and self.counts.count(keys[1]) >= limits.per_proxy:
+        if keys and self.counts.count(keys[0]) > limits.per_proxy:
+            self.leave(token)
             raise LimitReached(
                 "421 Too many concurrent SMTP connections from this proxy; please try again later.",
                 f"Connection from proxy [{peer_address}] refused: too many connections from that proxy",
             )
-        self.slot.add(*keys)
-        self._held[token] = keys
 
     def admit_client(self, token: int, client_address: str) -> None:
         """Once the real client is known: the per-host limit."""
+        if not self.limits.per_host:
+            return
         key = f"h:{client_address}"
-        if self.limits.per_host and self.counts.count(key) >= self.limits.per_host:
+        keys = self._held[token]
+        self.slot.remove(*keys)  # re-count the same connection with one key more
+        keys.append(key)
+        self.slot.add(*keys)
+        if self.counts.count(key) > self.limits.per_host:
+            self.leave(token)
             raise LimitReached(
                 "421 Too many concurrent SMTP connections from this IP address; please try again later.",
                 f"Connection from [{client_address}] refused: too many connections from that IP address",
             )
-        self.slot.add(key)
-        self._held[token] = self._held.get(token, ()) + (key,)
 
     def leave(self, token: int) -> None:
-        keys = self._held.pop(token, ())
-        if keys:
-            self.slot.remove(*keys)
+        if token in self._held:
+            self.slot.remove(*self._held.pop(token))

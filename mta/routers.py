@@ -387,6 +387,29 @@ class _NoMxHosts(Exception):
     pass
 
 
+# Option tables: name -> (kind, default); `mta.delivery_config` parses kinds.
+GENERIC_OPTIONS = {
+    "transport": ("string", None),
+    "domains": ("domainlist", None),
+    "senders": ("addresslist", None),
+    "local_parts": ("localpartlist", None),
+    "more": ("bool", True),
+}
+
+DRIVER_OPTIONS = {
+    "accept": {},
+    "manualroute": {
+        "route_list": ("route_list", ()),
+        "route_data": ("expand", None),
+        "host_find_failed": ("choice:" + ",".join(HOST_FIND_FAILED), "defer"),
+        "hosts_randomize": ("bool", False),
+    },
+    "dnslookup": {
+        "dns_servers": ("dns_servers", ()),
+        "ignore_target_hosts": ("hostlist", None),
+    },
+}
+
 ROUTER_DRIVERS: dict[str, type[Router]] = {
     "accept": AcceptRouter,
     "manualroute": ManualrouteRouter,

@@ -69,7 +69,7 @@ def test_other_protocols_fail_on_the_first_byte(data: bytes) -> None:
 @pytest.mark.parametrize("length", range(2, 7))
 def test_v1_prefix_fails_as_soon_as_it_diverges(length: int) -> None:
     assert parse(b"PROXY "[:length]) is None
-    assert "does not start with 'PROXY '" in reason_of(b"PROXY "[: length - 1] + b"X")
+    assert "does not start with 'PROXY '" in reason_of(b"PROXY "[: length - 1] + b"!")
 
 
 def test_proxy_without_space_fails_at_the_sixth_byte() -> None:
@@ -172,7 +172,7 @@ def test_v1_unknown_line_of_exactly_107_bytes() -> None:
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", "bare LF"),
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rX", "CR not followed by LF"),
         (b"PROXY UNKNOWN a\nb\r\n", "bare LF"),
-        (b"PROXY TCP4 \xd9\xa1.2.3.4 5.6.7.8 1 2\r\n", "unexpected character"),
+        (b"PROXY TCP4 \xd9\xa1.2.3.4 5.6.7.8 1 2\r\n", "TCP4 needs an IPv4 source address"),
     ],
 )
 def test_v1_grammar_violations(line: bytes, reason: str) -> None:
@@ -686,7 +686,7 @@ def test_read_header_whole_header_and_payload_in_one_send(pair) -> None:
 
 def test_read_header_largest_v2_in_chunks(pair) -> None:
     reader, writer = pair
-    data = build_v2("PROXY", "INET", "1.2.3.4", "5.6.7.8", 1, 2, tlvs=[(0x04, bytes(0xFFFF - 15))], crc=True)
+    data = build_v2("PROXY", "INET", "1.2.3.4", "5.6.7.8", 1, 2, tlvs=[(0x04, bytes(0xFFFF - 12 - 3 - 7))], crc=True)
     sender = gevent.spawn(send_slowly, writer, data + PAYLOAD, 997)
     header, leftover = read_header(reader, timeout=10)
     assert header.source_address == "1.2.3.4" and leftover == b""
@@ -875,11 +875,12 @@ def wait_for_port(process, port: int) -> None:
 
 def through_haproxy(capture: Capture, connect: Callable[[], tuple[object, dict]]) -> tuple[bytes, ProxyHeader, bytes, dict]:
     server = gevent.spawn(capture.serve_one)
-    client_sock, client_facts = connect()
     try:
-        raw, header, payload = server.get(timeout=10)
+        client_sock, client_facts = connect()
+        with client_sock:
+            raw, header, payload = server.get(timeout=10)
     finally:
-        client_sock.close()
+        server.kill()  # a failed client must not leave a stale acceptor for the next test
     return raw, header, payload, client_facts
 
 
@@ -903,7 +904,7 @@ def tls_client(setup, with_client_cert: bool):
         plain = gevent.socket.create_connection(("127.0.0.1", setup["tls_port"]), timeout=5)
         tls = context.wrap_socket(plain, server_hostname="mx.example.test")
         tls.sendall(PAYLOAD)
-        facts = {"port": plain.getsockname()[1], "version": tls.version(), "cipher": tls.cipher()[0]}
+        facts = {"port": tls.getsockname()[1], "version": tls.version(), "cipher": tls.cipher()[0]}
         return tls, facts
 
     return connect
