@@ -6,18 +6,25 @@ Logs are not fsynced: the spool is the durable record, logs are a report.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 
 
+@functools.lru_cache(maxsize=4)
+def _format_second(second: int, pattern: str) -> str:
+    return time.strftime(pattern, time.localtime(second))
+
+
 def timestamp(now: float | None = None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() if now is None else now))
+    """`2026-11-25 09:43:05`, formatted once per second, not once per line."""
+    return _format_second(int(time.time() if now is None else now), "%Y-%m-%d %H:%M:%S")
 
 
 def tod_full(now: float | None = None) -> str:
     """RFC 5322 date as Exim's $tod_full: `Wed, 25 Nov 2026 09:43:05 +0000`."""
-    return time.strftime("%a, %d %b %Y %H:%M:%S %z", time.localtime(time.time() if now is None else now))
+    return _format_second(int(time.time() if now is None else now), "%a, %d %b %Y %H:%M:%S %z")
 
 
 def host_field(address: str, port: int | None, helo: str = "", with_port: bool = False) -> str:

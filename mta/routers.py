@@ -387,26 +387,27 @@ class _NoMxHosts(Exception):
     pass
 
 
-# Option tables: name -> (kind, default); `mta.delivery_config` parses kinds.
+# Option tables: name -> kind (`mta.delivery_config` parses kinds; the
+# defaults are the dataclass field defaults).
 GENERIC_OPTIONS = {
-    "transport": ("string", None),
-    "domains": ("domainlist", None),
-    "senders": ("addresslist", None),
-    "local_parts": ("localpartlist", None),
-    "more": ("bool", True),
+    "transport": "string",
+    "domains": "domainlist",
+    "senders": "addresslist",
+    "local_parts": "localpartlist",
+    "more": "bool",
 }
 
 DRIVER_OPTIONS = {
     "accept": {},
     "manualroute": {
-        "route_list": ("route_list", ()),
-        "route_data": ("expand", None),
-        "host_find_failed": ("choice:" + ",".join(HOST_FIND_FAILED), "defer"),
-        "hosts_randomize": ("bool", False),
+        "route_list": "route_list",
+        "route_data": "expand",
+        "host_find_failed": "choice:" + ",".join(HOST_FIND_FAILED),
+        "hosts_randomize": "bool",
     },
     "dnslookup": {
-        "dns_servers": ("dns_servers", ()),
-        "ignore_target_hosts": ("hostlist", None),
+        "dns_servers": "dns_servers",
+        "ignore_target_hosts": "hostlist",
     },
 }
 

@@ -20,7 +20,7 @@ import ctypes
 import errno
 import fcntl
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import msgpack
@@ -52,7 +52,9 @@ class Envelope:
     version: int = ENVELOPE_VERSION
 
     def pack(self) -> bytes:
-        return msgpack.packb(asdict(self), use_bin_type=True)
+        # Not dataclasses.asdict: it deep-copies every field, once per message.
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def unpack(cls, data: bytes) -> "Envelope":

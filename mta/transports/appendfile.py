@@ -30,14 +30,14 @@ from mta.transports import DEFERRED, DELIVERED, ERRNO_EXPANDFAIL, DeliveryJob, R
 COPY_CHUNK = 256 * 1024
 
 OPTIONS = {
-    "directory": ("expand", None),
-    "maildir_format": ("bool", False),
-    "create_directory": ("bool", True),
-    "mode": ("octal", 0o600),
-    "directory_mode": ("octal", 0o700),
-    "return_path_add": ("bool", False),
-    "envelope_to_add": ("bool", False),
-    "delivery_date_add": ("bool", False),
+    "directory": "expand",
+    "maildir_format": "bool",
+    "create_directory": "bool",
+    "mode": "octal",
+    "directory_mode": "octal",
+    "return_path_add": "bool",
+    "envelope_to_add": "bool",
+    "delivery_date_add": "bool",
 }
 
 
@@ -69,7 +69,7 @@ def prepended_headers(sender: str, recipient: str, return_path: bool, envelope_t
 @dataclass
 class AppendfileTransport:
     name: str
-    resolve_path: Callable[[str], str]
+    resolve_path: Callable[[str], str] = field(repr=False)
     driver: str = "appendfile"
     directory: Expansion | None = None
     maildir_format: bool = False

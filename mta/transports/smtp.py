@@ -67,22 +67,22 @@ ERRNO_DATA4XX = -46
 ERRNO_PROXYFAIL = -47
 
 OPTIONS = {
-    "hosts": ("expand", None),
-    "hosts_override": ("bool", False),
-    "port": ("port", 25),
-    "interface": ("expand", None),
-    "helo_data": ("expand", "$primary_hostname"),
-    "connect_timeout": ("time", 300.0),
-    "command_timeout": ("time", 300.0),
-    "data_timeout": ("time", 300.0),
-    "final_timeout": ("time", 600.0),
-    "hosts_require_tls": ("hostlist", None),
-    "hosts_avoid_tls": ("hostlist", None),
-    "tls_verify_hosts": ("hostlist", None),
-    "tls_verify_certificates": ("string", "system"),
-    "socks_proxy": ("socks", None),
-    "max_rcpt": ("int", 100),
-    "connection_max": ("int", 500),
+    "hosts": "expand",
+    "hosts_override": "bool",
+    "port": "port",
+    "interface": "expand",
+    "helo_data": "expand",
+    "connect_timeout": "time",
+    "command_timeout": "time",
+    "data_timeout": "time",
+    "final_timeout": "time",
+    "hosts_require_tls": "hostlist",
+    "hosts_avoid_tls": "hostlist",
+    "tls_verify_hosts": "hostlist",
+    "tls_verify_certificates": "string",
+    "socks_proxy": "socks",
+    "max_rcpt": "int",
+    "connection_max": "int",
 }
 
 
