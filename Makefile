@@ -1,7 +1,9 @@
 # mta-server: `make run` starts the server on etc/mta.conf, `make test` runs the suite.
 # Both install what they need on a Debian 12 machine (as root) and are quick the second time.
 
-PYTHON  ?= python3
+# Debian's own Python: the workers drop root, and must still be able to read
+# the standard library (an interpreter under /root would be out of their reach).
+PYTHON  ?= /usr/bin/python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
@@ -40,6 +42,8 @@ check: .stamp-venv
 	touch $@
 
 .stamp-venv: .stamp-apt-run setup.py
+	@if [ -x $(PY) ] && [ "$$($(PY) -c 'import sys; print(sys.base_prefix)')" != "$$($(PYTHON) -c 'import sys; print(sys.base_prefix)')" ]; then \
+	  echo "recreating $(VENV) with $(PYTHON)"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e .
 	touch $@

@@ -34,7 +34,7 @@ import ipaddress
 import re
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import gevent
@@ -385,9 +385,8 @@ def _parse_v2(data: bytes | bytearray | memoryview) -> tuple[ProxyHeader, int] |
     if tlvs_start == total:
         return ProxyHeader(2, command, family, transport, *addresses, ()), total
     tlvs = _split_tlvs(header, tlvs_start, total, "TLV")
-    fields = _interpret_tlvs(header, tlvs)
-    raw = tuple((kind, header[start:end]) for kind, start, end in tlvs)
-    return ProxyHeader(2, command, family, transport, *addresses, raw, **fields), total
+    fields = _interpret_tlvs(header, tlvs_start, tlvs)
+    return ProxyHeader(2, command, family, transport, *addresses, tuple(tlvs), **fields), total
 
 
 def _v2_valid_starts() -> dict[bytes, tuple[str, str, str, int]]:
@@ -454,9 +453,9 @@ def _unix_path(raw: bytes) -> str:
     return raw.split(b"\x00", 1)[0].decode("utf-8", "backslashreplace")
 
 
-def _split_tlvs(buffer: bytes, start: int, end: int, what: str) -> list[tuple[int, int, int]]:
-    """Frame the TLVs in buffer[start:end] as (type, value start, value end)."""
-    spans = []
+def _split_tlvs(buffer: bytes, start: int, end: int, what: str) -> list[tuple[int, bytes]]:
+    """Frame the TLVs in buffer[start:end] as (type, value) pairs."""
+    tlvs = []
     position = start
     while position < end:
         if end - position < 3:
@@ -466,36 +465,40 @@ def _split_tlvs(buffer: bytes, start: int, end: int, what: str) -> list[tuple[in
         value_end = value_start + (buffer[position + 1] << 8 | buffer[position + 2])
         if value_end > end:
             raise ProxyProtocolError(f"v2: {what} 0x{kind:02x} overruns the header")
-        spans.append((kind, value_start, value_end))
+        tlvs.append((kind, buffer[value_start:value_end]))
         position = value_end
-    return spans
+    return tlvs
 
 
-def _interpret_tlvs(header: bytes, tlvs: list[tuple[int, int, int]]) -> dict[str, object]:
-    """ProxyHeader fields from the TLVs we understand; verifies CRC32C."""
-    _refuse_duplicates((kind for kind, _, _ in tlvs), _TLV_INTERPRETED, "TLV")
+def _interpret_tlvs(header: bytes, tlvs_start: int, tlvs: list[tuple[int, bytes]]) -> dict[str, object]:
+    """ProxyHeader fields from the TLVs we understand, once the CRC32C (if any) holds."""
+    kinds = [kind for kind, _ in tlvs]
+    _refuse_duplicates(kinds, _TLV_SINGLE, "TLV")
+    if PP2_TYPE_CRC32C in kinds:  # first: a corrupt header is reported as such
+        _verify_crc32c(header, tlvs_start, tlvs, kinds.index(PP2_TYPE_CRC32C))
     fields: dict[str, object] = {}
-    for kind, start, end in tlvs:
-        if kind == PP2_TYPE_CRC32C:
-            _verify_crc32c(header, start, end)
-        elif kind in _TLV_INTERPRETED:
-            fields.update(_TLV_INTERPRETED[kind](header[start:end]))
+    for kind, value in tlvs:
+        interpret = _TLV_INTERPRETED.get(kind)
+        if interpret is not None:
+            fields.update(interpret(value))
     return fields
 
 
-def _refuse_duplicates(kinds: Iterable[int], interpreted: Iterable[int], what: str) -> None:
-    seen: set[int] = set()
+def _refuse_duplicates(kinds: list[int], single: Collection[int], what: str) -> None:
+    if len(set(kinds)) == len(kinds):
+        return
     for kind in kinds:
-        if kind in seen and kind in interpreted:
+        if kind in single and kinds.count(kind) > 1:
             raise ProxyProtocolError(f"v2: duplicate {what} 0x{kind:02x}")
-        seen.add(kind)
 
 
-def _verify_crc32c(header: bytes, start: int, end: int) -> None:
-    if end - start != 4:
-        raise ProxyProtocolError(f"v2: CRC32C TLV has {end - start} bytes instead of 4")
-    expected = int.from_bytes(header[start:end], "big")
-    if crc32c(header[:start] + b"\x00\x00\x00\x00" + header[end:]) != expected:
+def _verify_crc32c(header: bytes, tlvs_start: int, tlvs: list[tuple[int, bytes]], index: int) -> None:
+    """Check the CRC32C of the whole header, computed with its own field zeroed."""
+    checksum = tlvs[index][1]
+    if len(checksum) != 4:
+        raise ProxyProtocolError(f"v2: CRC32C TLV has {len(checksum)} bytes instead of 4")
+    start = tlvs_start + sum(3 + len(value) for _, value in tlvs[:index]) + 3
+    if crc32c(header[:start] + b"\x00\x00\x00\x00" + header[start + 4 :]) != int.from_bytes(checksum, "big"):
         raise ProxyProtocolError("v2: CRC32C mismatch")
 
 
@@ -521,21 +524,22 @@ def _ssl_fields(value: bytes) -> dict[str, object]:
     presented = bool(client & (PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS))
     fields: dict[str, object] = {"ssl_verified": presented and verify == 0}
     subs = _split_tlvs(value, SSL_FIXED_LENGTH, len(value), "SSL sub-TLV")
-    _refuse_duplicates((kind for kind, _, _ in subs), _SSL_STRINGS, "SSL sub-TLV")
-    for kind, start, end in subs:
+    _refuse_duplicates([kind for kind, _ in subs], _SSL_STRINGS, "SSL sub-TLV")
+    for kind, sub_value in subs:
         if kind in _SSL_STRINGS:
             name, label, encoding = _SSL_STRINGS[kind]
-            fields[name] = _decode(value[start:end], label, encoding)
+            fields[name] = _decode(sub_value, label, encoding)
     return fields
 
 
 _TLV_INTERPRETED: dict[int, Callable[[bytes], dict[str, object]]] = {
     PP2_TYPE_ALPN: lambda value: {"alpn": _decode(value, "ALPN", "utf-8")},
     PP2_TYPE_AUTHORITY: lambda value: {"authority": _decode(value, "AUTHORITY", "utf-8")},
-    PP2_TYPE_CRC32C: lambda value: {},  # verified over the whole header, see _interpret_tlvs
     PP2_TYPE_UNIQUE_ID: _unique_id_field,
     PP2_TYPE_SSL: _ssl_fields,
 }
+# TLVs that may appear once: which of two copies should win would be arbitrary.
+_TLV_SINGLE = frozenset(_TLV_INTERPRETED) | {PP2_TYPE_CRC32C}
 
 _SSL_STRINGS = {
     PP2_SUBTYPE_SSL_VERSION: ("ssl_version", "SSL version", "ascii"),

@@ -35,6 +35,7 @@ class SmtpRecorder:
     host: str = "127.0.0.1"
     banner: str = "220 recorder.test ESMTP"
     capabilities: tuple[str, ...] = ("PIPELINING", "SIZE 100000000", "8BITMIME")
+    reject_ehlo: bool = False
     tls_context: ssl.SSLContext | None = None
     mail_reply: Callable[[str], str | None] = lambda sender: None
     rcpt_reply: Callable[[str], str | None] = lambda recipient: None
@@ -105,7 +106,9 @@ class _Session:
     def handle(self, line: str) -> bool:
         self.server.commands.append(line)
         verb = line[:4].upper()
-        if verb in ("EHLO", "HELO"):
+        if verb == "EHLO" and self.server.reject_ehlo:
+            self.send("502 no EHLO here")
+        elif verb in ("EHLO", "HELO"):
             self.helo = line[5:]
             capabilities = list(self.server.capabilities)
             if self.server.tls_context is not None and not self.tls:
@@ -207,7 +210,7 @@ _counter = [0]
 
 
 def spool_message(spool, sender: str, recipients: list[str], body: bytes = b"Hello.\r\n",
-                  headers: bytes = b"", received_time: float | None = None) -> str:
+                  headers: bytes = b"", received_time: float | None = None, body_type: str = "7BIT") -> str:
     """Put a message in the spool as the SMTP side would; returns its id."""
     import os
     import time
@@ -223,7 +226,7 @@ def spool_message(spool, sender: str, recipients: list[str], body: bytes = b"Hel
     message.write(data)
     message.finish(Envelope(id=message_id, sender=sender, recipients=list(recipients),
                             received_time=time.time() if received_time is None else received_time,
-                            size=len(data), host_address="127.0.0.1"))
+                            size=len(data), host_address="127.0.0.1", body_type=body_type))
     assert commit_batch(spool, [message]) == [None]
     return message_id
 
@@ -238,4 +241,4 @@ def main_log(logs) -> str:
 
 def log_lines(logs, message_id: str) -> list[str]:
     """Main log lines about message_id, without the timestamp."""
-    return [line[20:] for line in main_log(logs).splitlines() if f" {message_id} " in line + " "]
+    return [line[20:] for line in main_log(logs).splitlines() if message_id in line]

@@ -419,24 +419,20 @@ def test_crc32c_known_values() -> None:
     assert crc32c(b"\xff" * 32) == 0x62A8AB43
 
 
-def test_v2_crc32c_good_and_every_single_bit_flip_detected() -> None:
-    data = build_v2(
-        "PROXY", "INET6", "2001:db8::1", "2001:db8::2", 1, 2, tlvs=[(0x02, b"mx.example"), (0xE0, b"x" * 20)], crc=True
-    )
+def test_v2_crc32c_good_and_every_flipped_bit_detected() -> None:
+    authority, custom = b"mx.example", b"x" * 20
+    data = build_v2("PROXY", "INET6", "2001:db8::1", "2001:db8::2", 1, 2, tlvs=[(0x02, authority), (0xE0, custom)], crc=True)
     header = parsed(data)
-    assert header.tlvs[-1][0] == pp.PP2_TYPE_CRC32C
-    assert header.tlvs[-1][1] == crc32c(data[:-4] + b"\x00" * 4).to_bytes(4, "big")
-    for position in range(16 + 36, len(data)):  # TLV area: still framed right after a flip
-        tampered = bytearray(data)
-        tampered[position] ^= 0x01
-        if position in (16 + 36, 16 + 36 + 1, 16 + 36 + 2, 16 + 36 + 13, 16 + 36 + 14, 16 + 36 + 15):
-            continue  # flipping a TLV type or length changes the framing instead
-        with pytest.raises(ProxyProtocolError):
-            parse(bytes(tampered))
-    for position in range(16, 16 + 36):  # addresses and ports
-        tampered = bytearray(data)
-        tampered[position] ^= 0x80
-        assert reason_of(bytes(tampered)) == "v2: CRC32C mismatch"
+    assert header.tlvs[-1] == (pp.PP2_TYPE_CRC32C, crc32c(data[:-4] + b"\x00" * 4).to_bytes(4, "big"))
+    addresses_and_ports = range(16, 52)
+    authority_value = range(55, 55 + len(authority))
+    custom_value = range(68, 68 + len(custom))
+    checksum = range(len(data) - 4, len(data))
+    for position in [*addresses_and_ports, *authority_value, *custom_value, *checksum]:
+        for bit in range(8):
+            tampered = bytearray(data)
+            tampered[position] ^= 1 << bit
+            assert reason_of(bytes(tampered)) == "v2: CRC32C mismatch", (position, bit)
 
 
 def test_v2_crc32c_over_a_header_with_ssl() -> None:
@@ -470,13 +466,16 @@ VALID_HEADERS = [
 ]
 
 
-@pytest.mark.parametrize("data", VALID_HEADERS)
+VALID_HEADER_IDS = ["v1-tcp4", "v1-tcp6", "v1-unknown", "v1-unknown-long", "v2-inet", "v2-local", "v2-local-inet6", "v2-unix-dgram", "v2-tlvs-crc"]
+
+
+@pytest.mark.parametrize("data", VALID_HEADERS, ids=VALID_HEADER_IDS)
 def test_every_truncation_of_a_valid_header_needs_more(data: bytes) -> None:
     for length in range(len(data)):
         assert parse(data[:length]) is None, length
 
 
-@pytest.mark.parametrize("data", VALID_HEADERS)
+@pytest.mark.parametrize("data", VALID_HEADERS, ids=VALID_HEADER_IDS)
 def test_bytes_after_the_header_belong_to_the_caller(data: bytes) -> None:
     alone = parse(data)
     for tail in (b"", b"\r\n", b"EHLO client.example\r\n", SIG, b"PROXY TCP4 ", b"\x16\x03\x01\x02\x00"):
@@ -499,6 +498,7 @@ def test_bytes_after_the_header_belong_to_the_caller(data: bytes) -> None:
         (build_v2("PROXY", "UNIX", "/a", "/b", None, None), False),
         (build_v2("PROXY", "UNSPEC", None, None, None, None), False),
     ],
+    ids=["v1-tcp4", "v1-tcp6", "v1-unknown", "v2-inet", "v2-inet6", "v2-local", "v2-unix", "v2-unspec"],
 )
 def test_carries_addresses(data: bytes, expected: bool) -> None:
     assert parsed(data).carries_addresses is expected
@@ -665,7 +665,7 @@ def pair():
     b.close()
 
 
-@pytest.mark.parametrize("data", [VALID_HEADERS[0], VALID_HEADERS[1], VALID_HEADERS[3], V2_WITH_TLVS])
+@pytest.mark.parametrize("data", [VALID_HEADERS[0], VALID_HEADERS[1], VALID_HEADERS[3], V2_WITH_TLVS], ids=["v1-tcp4", "v1-tcp6", "v1-unknown", "v2-tlvs"])
 def test_read_header_one_byte_at_a_time_takes_exactly_the_header(pair, data: bytes) -> None:
     reader, writer = pair
     sender = gevent.spawn(send_slowly, writer, data + PAYLOAD)
@@ -843,8 +843,10 @@ backend be_v1
         stderr=gevent.subprocess.PIPE,
     )
     try:
+        # HAProxy binds every listener before serving any.  Probe only the TLS one:
+        # a bare connect there never reaches a backend (no handshake), while one
+        # to the plain frontend would queue a connection at the v1 capture.
         wait_for_port(process, tls_port)
-        wait_for_port(process, plain_port)
         yield {
             "ca": ca,
             "tls_port": tls_port,

@@ -1,0 +1,88 @@
+"""Process management: titles, privileges, death with the master, back-off."""
+import os
+import pwd
+import signal
+import time
+
+import pytest
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as handle:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in handle if ":\t" in line)
+
+
+def cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        return handle.read().replace(b"\x00", b" ").decode().strip()
+
+
+def test_worker_titles_and_generation(mta):
+    server = mta(workers=2, runners=1)
+    titles = sorted(cmdline(pid) for pid in server.worker_pids("smtp"))
+    assert titles == ["mta-server: smtp worker 1 gen 1", "mta-server: smtp worker 2 gen 1"]
+    server.signal_master(signal.SIGHUP)
+    server.wait_for_log("generation 2")
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        titles = sorted(cmdline(pid) for pid in server.worker_pids("smtp") if os.path.exists(f"/proc/{pid}"))
+        if titles == ["mta-server: smtp worker 1 gen 2", "mta-server: smtp worker 2 gen 2"]:
+            break
+        time.sleep(0.1)
+    assert titles == ["mta-server: smtp worker 1 gen 2", "mta-server: smtp worker 2 gen 2"]
+
+
+def test_workers_die_with_the_master(mta):
+    server = mta(workers=2, runners=1)
+    workers = server.worker_pids("smtp") + server.worker_pids("delivery")
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    deadline = time.time() + 5
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.05)
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and proc_status(pid)["State"][0] != "Z"]
+    assert alive == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")
+def test_workers_run_as_exim_user_without_capabilities(mta):
+    user = pwd.getpwnam("mta") if "mta" in [p.pw_name for p in pwd.getpwall()] else None
+    if user is None:
+        pytest.skip("the system user mta is created by `make test`")
+    import shutil
+    import tempfile
+    from harness import MtaServer, base_config, free_port
+    directory = tempfile.mkdtemp(prefix="mta-privileges-")  # pytest's own folders are root-only
+    os.chmod(directory, 0o755)
+    port = free_port()
+    server = MtaServer(directory, port, base_config(directory, port, "exim_user = mta", 1, 1))
+    try:
+        server.start()
+        check_dropped(server, user)
+    finally:
+        server.stop()
+        shutil.rmtree(directory)
+
+
+def check_dropped(server, user) -> None:
+    for pid in server.worker_pids("smtp") + server.worker_pids("delivery"):
+        status = proc_status(pid)
+        assert status["Uid"].split()[:2] == [str(user.pw_uid)] * 2
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+        assert status["NoNewPrivs"] == "1"
+    input_dir = os.stat(server.input)
+    assert input_dir.st_uid == user.pw_uid and input_dir.st_mode & 0o007 == 0
+
+
+def test_master_stops_when_workers_cannot_start(mta, tmp_path):
+    from harness import MtaServer, base_config, free_port
+    port = free_port()
+    directory = str(tmp_path / "bad")
+    os.makedirs(directory)
+    # A certificate file that exists at check time but is not a certificate: workers fail at boot.
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    server = MtaServer(directory, port, base_config(
+        directory, port, f"tls_certificate = {tmp_path}/cert.pem\ntls_privatekey = {tmp_path}/cert.pem"))
+    server.start(wait=False)
+    assert server.process.wait(timeout=30) == 3
+    assert "could not start" in server.log("panic")
