@@ -53,7 +53,9 @@ CASES = {
     "v1 UNKNOWN": build_v1("UNKNOWN", None, None, None, None),
     "v2 INET minimal": build_v2("PROXY", "INET", "192.168.100.200", "10.0.0.1", 56324, 25),
     "v2 INET6 + TLVs, no CRC": build_v2("PROXY", "INET6", "2001:db8::1", "2001:db8::2", 56324, 25, INET6_TLVS),
-    "v2 INET6 + TLVs + CRC32C": build_v2("PROXY", "INET6", "2001:db8::1", "2001:db8::2", 56324, 25, INET6_TLVS, crc=True),
+    "v2 INET6 + TLVs + CRC32C": build_v2(
+        "PROXY", "INET6", "2001:db8::1", "2001:db8::2", 56324, 25, INET6_TLVS, crc=True
+    ),
 }
 
 

@@ -3,7 +3,9 @@
 `Deliverer.deliver(id)` runs one delivery attempt under the message's lock.
 The order of events per recipient is what makes a crash safe:
 
-1. a successful delivery is journalled (fsynced -J line), then logged `=>`;
+1. a successful delivery is journalled (fsynced -J line), then logged `=>`
+   (when it completes the message, removing the message takes the place of
+   the journal line: one fsync fewer);
 2. failures are collected; at the end of the attempt the bounce is spooled
    (durably), then the failures are journalled, then logged `**`, then the
    bounce's `<=` line;
@@ -29,6 +31,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+import gevent
+
 from mta.bounce import BounceError, FailedRecipient, inject_bounce
 from mta.config import Config
 from mta.delivery_config import DeliveryConfig
@@ -41,10 +45,12 @@ from mta.retry import (
     unpack_retry_state,
 )
 from mta.routers import (
-    Address, Host, RouteDeferred, RouteFailed, Routed, RoutingContext, resolve_by_name, route_address,
+    Address, Host, RouteFailed, Routed, RoutingContext, resolve_by_name, route_address,
 )
 from mta.spool import Envelope, Spool, SpoolError
-from mta.transports import DEFERRED, DELIVERED, FAILED, DeliveryJob, HostUsed, Result, TransportServices
+from mta.transports import (
+    DEFERRED, DELIVERED, ERRNO_HRETRY, FAILED, DeliveryJob, HostUsed, Result, TransportServices,
+)
 from mta.transports.smtp import ConnectionCache
 
 COMPLETED = "completed"
@@ -161,6 +167,7 @@ class _Run:
     retry: dict[str, RecipientRetry]
     failures: list[_Outcome] = field(default_factory=list)
     done: set[str] = field(default_factory=set)
+    removed: bool = False
 
 
 class Deliverer:
@@ -184,6 +191,7 @@ class Deliverer:
         self._resolvers: dict[tuple, Resolver] = {}
         self._rng = random.Random()
         self._user = config.exim_user or pwd.getpwuid(os.geteuid()).pw_name
+        self._spool_fd = spool.input_fd  # opened now, not lazily by two threads at once
 
     # ------------------------------------------------------------ entry points
 
@@ -266,7 +274,7 @@ class Deliverer:
     def _record(self, run: _Run, results: list[Result], router: str, transport: str, local: bool) -> None:
         delivered = [result for result in results if result.status == DELIVERED]
         if delivered:
-            self.spool.journal(run.info.message_id, [(r.address.address, "delivered") for r in delivered])
+            self._make_durable(run, delivered)
             now = self.clock()
             for index, result in enumerate(delivered):
                 arrow = "=>" if index == 0 or local else "->"
@@ -281,6 +289,17 @@ class Deliverer:
             elif result.status == DEFERRED:
                 self._deferred(run, _Outcome(result, router, transport))
 
+    def _make_durable(self, run: _Run, delivered: list[Result]) -> None:
+        """Journal the deliveries, or, when they are the last recipients of
+        the message, remove the message instead: one fsync fewer, and just as
+        durable before the log lines are written."""
+        addresses = {result.address.address for result in delivered}
+        if not run.failures and all(r in run.done or r in addresses for r in run.pending):
+            _in_thread(self.spool.remove_message, run.info.message_id)
+            run.removed = True
+            return
+        _in_thread(self.spool.journal, run.info.message_id, [(address, "delivered") for address in addresses])
+
     def _deferred(self, run: _Run, outcome: _Outcome) -> None:
         result = outcome.result
         address = result.address.address
@@ -293,6 +312,8 @@ class Deliverer:
             return
         run.retry[address] = state
         self.counters["deferred"] += 1
+        if result.errno == ERRNO_HRETRY and "retry_defer" not in self.logs.selector:
+            return
         self.logs.main(deferred_line(run.info, result, outcome.router, outcome.transport,
                                      self.logs.selector))
 
@@ -307,7 +328,8 @@ class Deliverer:
         if remaining:
             self._write_retry(run)
             return DEFERRED_MESSAGE
-        self.spool.remove_message(message_id)
+        if not run.removed:
+            _in_thread(self.spool.remove_message, message_id)
         self.logs.main(f"{message_id} Completed")
         self.counters["completed"] += 1
         return COMPLETED
@@ -322,7 +344,7 @@ class Deliverer:
                 self.logs.panic(f"{run.info.message_id} failures kept for the next attempt: {exc}")
                 return False
         addresses = [outcome.result.address.address for outcome in run.failures]
-        self.spool.journal(run.info.message_id, [(address, "failed") for address in addresses])
+        _in_thread(self.spool.journal, run.info.message_id, [(address, "failed") for address in addresses])
         for outcome in run.failures:
             result = outcome.result
             if outcome.timed_out:
@@ -345,8 +367,8 @@ class Deliverer:
     def _bounce(self, run: _Run) -> tuple[str, int]:
         failures = [_failed_recipient(outcome) for outcome in run.failures]
         bounce_id = self.ids.next_id()
-        size = inject_bounce(self.spool, bounce_id, run.envelope, failures, self.config.primary_hostname,
-                             self.clock())
+        size = _in_thread(inject_bounce, self.spool, bounce_id, run.envelope, failures,
+                          self.config.primary_hostname, self.clock())
         return bounce_id, size
 
     # ------------------------------------------------------------ state files
@@ -362,7 +384,7 @@ class Deliverer:
         state = {r: run.retry[r] for r in run.pending if r in run.retry and r not in run.done}
         message_id = run.info.message_id
         if state:
-            self.spool.write_atomically(message_id, "R", pack_retry_state(state))
+            _in_thread(self.spool.write_atomically, message_id, "R", pack_retry_state(state))
             return
         try:
             os.unlink(self.spool.path(message_id, "R"))
@@ -412,6 +434,13 @@ def _failed_recipient(outcome: _Outcome) -> FailedRecipient:
         reason = f"host {host.name} [{host.address}]\n{reason}"
     return FailedRecipient(result.address.address, reason, result.status_code or "5.0.0",
                            result.diagnostic, remote)
+
+
+def _in_thread(function: Callable, *args):
+    """Run a spool write that fsyncs in gevent's thread pool: the hub goes on
+    with other deliveries meanwhile, and their fsyncs overlap (the file
+    system commits them together)."""
+    return gevent.get_hub().threadpool.apply(function, args)
 
 
 def _same_file(fd: int, path: str) -> bool:

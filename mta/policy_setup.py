@@ -3,14 +3,25 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mta.acl import AclPolicy, AclServices, compile_acls
 from mta.lists import DomainList
 from mta.policy import LocalDomainsPolicy, Policy
 
 
 def build_policy_factory(config, shared, logs, lookups) -> Callable[[], Policy]:
-    """Return a function making the policy for one new connection."""
-    local_domains = None
-    if "local_domains" in config.named_lists["domainlist"]:
-        local_domains = DomainList("+local_domains", config.compiled_lists, config.primary_hostname)
-    policy = LocalDomainsPolicy(local_domains)
-    return lambda: policy
+    """Compile the ACLs once; return a function making the policy of one new
+    connection (it owns that connection's ratelimit cache and variables).
+
+    Stages without an ACL accept, except RCPT, which then accepts only
+    +local_domains (`LocalDomainsPolicy`); Exim would refuse every RCPT.
+    """
+    acls = compile_acls(config, lookups)
+    fallback = LocalDomainsPolicy(_local_domains(config))
+    services = AclServices(ratetable=shared.ratetable, logs=logs, lookups=lookups)
+    return lambda: AclPolicy(acls, services, fallback)
+
+
+def _local_domains(config) -> DomainList | None:
+    if "local_domains" not in config.named_lists["domainlist"]:
+        return None
+    return DomainList("+local_domains", config.compiled_lists, config.primary_hostname)

@@ -1,59 +1,32 @@
-"""Reading a PROXY header off a socket without reading a byte past it.
-
-The bytes after the header may be a TLS ClientHello (TLS-on-connect ports),
-which must reach the TLS layer untouched, so this reader peeks: it looks at
-what has arrived with MSG_PEEK, asks the pure parser whether a header is
-complete, and then takes exactly the header's bytes off the socket.  While
-the header is incomplete, everything that arrived belongs to it (the parser
-said so), so those bytes are consumed and kept, and the next wait is for new
-data rather than a busy loop over the same peeked bytes.  When the header
-is bad, what has arrived of it is dropped, so that it is not then read as
-SMTP commands.
-"""
+"""What a session does with a PROXY header (the parsing and the exact-length
+reading are `mta.proxy_protocol`'s)."""
 from __future__ import annotations
 
 import socket
 
-import gevent
-
-from mta.proxy_protocol import ProxyHeader, ProxyProtocolError, parse
+from mta.proxy_protocol import ProxyHeader, ProxyProtocolError
 from mta.smtp_session import ConnectionInfo
 
-MAX_HEADER = 16 + 65535
+DRAIN_LIMIT = 16 + 65535
 
 
-def read_exact_header(sock: socket.socket, timeout: float) -> ProxyHeader:
-    """The PROXY header that starts the stream, within `timeout` seconds."""
-    received = bytearray()
+def drop_failed_header(sock: socket.socket) -> None:
+    """After a bad header, throw away what has already arrived of it, so
+    that it is not then read as SMTP commands (the session goes on, as in
+    Exim, answering 503 to everything but QUIT)."""
+    dropped = 0
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # a gevent socket would wait for data even with MSG_DONTWAIT
     try:
-        with gevent.Timeout(timeout):
-            while True:
-                peeked = sock.recv(MAX_HEADER - len(received), socket.MSG_PEEK)
-                if not peeked:
-                    raise ProxyProtocolError("connection closed before the PROXY header was complete")
-                try:
-                    result = parse(bytes(received) + peeked)
-                except ProxyProtocolError:
-                    _consume(sock, len(peeked))  # a failed header is dropped whole, not read as commands
-                    raise
-                if result is not None:
-                    header, consumed = result
-                    _consume(sock, consumed - len(received))
-                    return header
-                received += _consume(sock, len(peeked))
-    except gevent.Timeout:
-        raise ProxyProtocolError(f"no complete PROXY header within {timeout:g}s") from None
-
-
-def _consume(sock: socket.socket, count: int) -> bytes:
-    """Take `count` bytes that are known to be in the socket's buffer."""
-    taken = bytearray()
-    while len(taken) < count:
-        chunk = sock.recv(count - len(taken))
-        if not chunk:
-            raise ProxyProtocolError("connection closed inside the PROXY header")
-        taken += chunk
-    return bytes(taken)
+        while dropped < DRAIN_LIMIT:
+            chunk = sock.recv(DRAIN_LIMIT - dropped)
+            if not chunk:
+                return
+            dropped += len(chunk)
+    except OSError:
+        return  # nothing more has arrived (or the connection is gone: the session will notice)
+    finally:
+        sock.settimeout(timeout)
 
 
 def apply_header(info: ConnectionInfo, header: ProxyHeader) -> None:

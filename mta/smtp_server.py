@@ -23,7 +23,7 @@ from mta import proxy_reader
 from mta.dataread import DataDecoder
 from mta.log import Logs, host_field, tod_full
 from mta.policy import Policy, Verdict, refusal_reply
-from mta.proxy_protocol import ProxyProtocolError
+from mta.proxy_protocol import ProxyProtocolError, read_header
 from mta.smtp_commands import MAX_COMMAND_LINE
 from mta.smtp_session import ConnectionInfo, Limits, SmtpSession
 from mta.spool import Envelope, IncomingMessage, is_disk_full
@@ -126,9 +126,10 @@ class SmtpConnection:
         info.proxy_session = True
         info.proxy_local_address, info.proxy_local_port = info.host_address, info.host_port
         try:
-            header = proxy_reader.read_exact_header(self.sock, self.res.proxy_timeout)
+            header, _ = read_header(self.sock, self.res.proxy_timeout)
             proxy_reader.apply_header(info, header)
         except ProxyProtocolError as exc:
+            proxy_reader.drop_failed_header(self.sock)
             self.info.proxy_failed = True
             self.res.stats["proxy_failures"] = self.res.stats.get("proxy_failures", 0) + 1
             if self.res.logs.selected("proxy_failure"):

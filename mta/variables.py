@@ -81,6 +81,12 @@ SESSION_VARIABLES: dict[str, Callable] = {
     "tod_log": lambda s: timestamp(),
     "tod_epoch": lambda s: str(int(time.time())),
     "version_number": lambda s: VERSION,
+    # Set by ACLs (in SessionVariables.extra); empty until then, as in Exim.
+    "sender_rate": lambda s: "",
+    "sender_rate_limit": lambda s: "",
+    "sender_rate_period": lambda s: "",
+    "acl_narg": lambda s: "0",
+    **{f"acl_arg{n}": (lambda s: "") for n in range(1, 10)},
 }
 
 TLV_PREFIX = "proxy_tlv_"
@@ -89,12 +95,17 @@ TLV_NAMES = ("authority", "alpn", "unique_id", "ssl_version", "ssl_cn", "ssl_cip
 
 class SessionVariables:
     """An expansion context over one session, plus per-evaluation extras
-    (`$value`, `$sender_rate`...) that the ACL engine sets in `extra`."""
+    (`$value`, `$sender_rate`...) that the ACL engine sets in `extra`.
+
+    `$acl_m...` variables set by an ACL when no message is being built (at
+    connect or HELO) live in `message_variables_outside_transaction` until
+    the next MAIL, where Exim resets them."""
 
     def __init__(self, session, lookups) -> None:
         self.session = session
         self.lookups = lookups
         self.extra: dict[str, str] = {}
+        self.message_variables_outside_transaction: dict[str, str] = {}
 
     def variable(self, name: str) -> str | None:
         if name in self.extra:
@@ -111,5 +122,7 @@ class SessionVariables:
             return self.session.connection_variables.get(name, "")
         if name.startswith("acl_m"):
             transaction = self.session.transaction
-            return transaction.variables.get(name, "") if transaction is not None else ""
+            variables = transaction.variables if transaction is not None \
+                else self.message_variables_outside_transaction
+            return variables.get(name, "")
         return None

@@ -25,6 +25,7 @@ import random
 import socket as stdlib_socket
 import time
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import gevent
 from gevent import socket
@@ -32,6 +33,8 @@ from gevent import socket
 from shared import socks5
 from shared.proxypool import ProxyLease, ProxyPool
 from shared.socks5 import ProxySpec, SocksError, SocksProtocolError, SocksReplyError
+
+T = TypeVar("T")
 
 
 class SocksDialError(Exception):
@@ -110,12 +113,9 @@ def _attempt(spec: ProxySpec, request: bytes, end: float, pool: ProxyPool | None
              attempts: list[tuple[ProxySpec, str]]) -> DialResult | None:
     """Try one proxy: a DialResult, None to go on, or SocksDialError for the destination."""
     lease = pool.begin_dial(spec, probe_window=end - time.monotonic()) if pool else None
+    sock = None
     try:
         sock = _connect(spec, end, source_address)
-    except _AttemptFailed as exc:
-        _record_failure(spec, exc.reason, exc.fair, pool, lease, attempts)
-        return None
-    try:
         bound = _bounded(spec, end, "SOCKS handshake", _handshake, sock, spec, request)
     except SocksReplyError as exc:
         sock.close()
@@ -124,9 +124,17 @@ def _attempt(spec: ProxySpec, request: bytes, end: float, pool: ProxyPool | None
         _record_failure(spec, exc.reason, True, pool, lease, attempts)
         return None
     except (_AttemptFailed, SocksError) as exc:
-        sock.close()
+        if sock is not None:
+            sock.close()
         _record_failure(spec, exc.reason, getattr(exc, "fair", True), pool, lease, attempts)
         return None
+    except BaseException:
+        # not the proxy's doing (the caller's own timeout, a kill): clean up, pass it on
+        if sock is not None:
+            sock.close()
+        if lease is not None:
+            lease.release()
+        raise
     sock.settimeout(None)
     if pool:
         pool.mark_up(spec)
@@ -155,7 +163,10 @@ def _record_failure(spec: ProxySpec, reason: str, fair: bool, pool: ProxyPool | 
 
 def _connect(spec: ProxySpec, end: float, source_address: tuple[str, int] | None) -> socket.socket:
     family = stdlib_socket.AF_INET6 if ":" in spec.address else stdlib_socket.AF_INET
-    sock = socket.socket(family, stdlib_socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, stdlib_socket.SOCK_STREAM)
+    except OSError as exc:  # out of descriptors: our trouble, not the proxy's
+        raise _AttemptFailed(f"creating a socket failed: {exc.strerror or exc}", fair=False) from None
     try:
         if source_address is not None:
             _bind(sock, source_address)
@@ -176,7 +187,7 @@ def _bind(sock: socket.socket, source_address: tuple[str, int]) -> None:
                              f"{exc.strerror or exc}", fair=False) from None
 
 
-def _bounded(spec: ProxySpec, end: float, stage: str, func, *args):
+def _bounded(spec: ProxySpec, end: float, stage: str, func: Callable[..., T], *args: object) -> T:
     """Run func under min(spec.tmo, time left), turning timeouts and OSError into _AttemptFailed."""
     left = end - time.monotonic()
     timer = gevent.Timeout(max(min(spec.tmo, left), 0.0))
@@ -206,7 +217,18 @@ def _handshake(sock: socket.socket, spec: ProxySpec, request: bytes) -> tuple[st
         socks5.parse_auth_reply(_recv_exact(sock, 2, "authentication reply"))
     sock.sendall(request)
     reply = _read_connect_reply(sock)
+    _ack_now(sock)
     return socks5.parse_connect_reply(reply)
+
+
+def _ack_now(sock: socket.socket) -> None:
+    """Acknowledge the CONNECT reply at once instead of after the delayed-ACK timer.
+
+    A proxy with Nagle on (microsocks) holds the first relayed bytes (the SMTP
+    banner) until its reply is acknowledged; we send nothing before the banner,
+    so without this every connection would wait ~40 ms for the delayed ACK.
+    """
+    sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_QUICKACK, 1)
 
 
 def _read_connect_reply(sock: socket.socket) -> bytes:

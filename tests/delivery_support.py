@@ -16,6 +16,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Callable
 
+import gevent
 from gevent.server import StreamServer
 
 
@@ -46,6 +47,7 @@ class SmtpRecorder:
     connections: int = 0
     port: int = 0
     _server: StreamServer | None = None
+    _sessions: set = field(default_factory=set)
 
     def start(self) -> "SmtpRecorder":
         self._server = StreamServer((self.host, self.port), self._handle)
@@ -54,15 +56,25 @@ class SmtpRecorder:
         return self
 
     def stop(self) -> None:
+        """Stop listening and close every open session (no QUIT is answered after this)."""
         if self._server is not None:
             self._server.stop(timeout=1)
+        for session in list(self._sessions):
+            session.sock.close()
+        gevent.sleep(0.01)  # gevent closes a socket a greenlet waits on in the next loop turn
 
     def recipients(self) -> list[str]:
         return [r for message in self.messages for r in message.recipients]
 
     def _handle(self, sock, address) -> None:
         self.connections += 1
-        _Session(self, sock, self.connections).run()
+        session = _Session(self, sock, self.connections)
+        self._sessions.add(session)
+        try:
+            session.run()
+        finally:
+            self._sessions.discard(session)
+            session.sock.close()
 
 
 class _Session:
@@ -92,13 +104,20 @@ class _Session:
 
     def read_lines(self) -> list[str] | None:
         while b"\r\n" not in self.buffer:
-            data = self.sock.recv(65536)
+            data = self.recv()
             if not data:
                 return None
             self.buffer += data
         end = self.buffer.rfind(b"\r\n") + 2
         text, self.buffer = bytes(self.buffer[:end]), self.buffer[end:]
         return text.decode("utf-8", "replace").split("\r\n")[:-1]
+
+    def recv(self) -> bytes:
+        """b"" at the end of the connection, also when stop() closed it under us."""
+        try:
+            return self.sock.recv(65536)
+        except OSError:
+            return b""
 
     def send(self, reply: str) -> None:
         self.sock.sendall(reply.encode() + b"\r\n")
@@ -116,11 +135,15 @@ class _Session:
             if verb == "HELO" or not capabilities:
                 self.send("250 recorder.test")
             else:
-                self.send("\r\n".join([f"250-recorder.test"] + [f"250-{c}" for c in capabilities[:-1]]
+                self.send("\r\n".join(["250-recorder.test"] + [f"250-{c}" for c in capabilities[:-1]]
                                       + [f"250 {capabilities[-1]}"]))
         elif verb == "STAR":
             self.send("220 go ahead")
-            self.sock = self.server.tls_context.wrap_socket(self.sock, server_side=True)
+            try:
+                self.sock = self.server.tls_context.wrap_socket(self.sock, server_side=True)
+            except (ssl.SSLError, OSError):
+                self.sock.close()
+                return False
             self.tls = True
         elif verb == "MAIL":
             sender = line[10:].split(">")[0].lstrip("<")
@@ -156,7 +179,7 @@ class _Session:
             end = self.buffer.find(b"\r\n.\r\n")
             if end >= 0 or self.buffer.startswith(b".\r\n"):
                 break
-            data = self.sock.recv(65536)
+            data = self.recv()
             if not data:
                 return False
             self.buffer += data
@@ -181,6 +204,7 @@ def write_config(directory, body: str, selector: str = "") -> str:
     """A configuration file in `directory` with our spool and the given sections."""
     import os
 
+    os.makedirs(str(directory), exist_ok=True)
     path = os.path.join(str(directory), "mta.conf")
     with open(path, "w") as handle:
         handle.write(f"primary_hostname = mta.test\n"

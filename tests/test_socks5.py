@@ -96,8 +96,7 @@ def test_negative_priority_allowed():
                 max_size=5))
 def test_split_exim_list_round_trip(items):
     joined = " : ".join(item.replace(":", "::") for item in items)
-    expected = [item for item in items]
-    assert split_exim_list(joined) == expected
+    assert split_exim_list(joined) == items
 
 
 # ------------------------------------------------------------------ selection

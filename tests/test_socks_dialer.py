@@ -127,6 +127,18 @@ def test_microsocks_with_and_without_auth(proxies, banner):
             assert (result.bound_address, result.bound_port) == ("0.0.0.0", 0)
 
 
+def test_banner_is_not_held_by_delayed_ack(proxies, banner):
+    """microsocks has Nagle on: unless we ACK its reply at once, the banner waits ~40 ms."""
+    proxy = spec(proxies["micro_none"])
+    times = []
+    for _ in range(5):
+        started = time.monotonic()
+        with dial([proxy], "127.0.0.1", banner.port, deadline=5) as result:
+            assert read_banner(result.sock) == BANNER
+        times.append(time.monotonic() - started)
+    assert sorted(times)[2] < 0.02
+
+
 def test_ipv6_destination(proxies, banner6):
     with dial([spec(proxies["micro_none"])], "::1", banner6.port, deadline=5) as result:
         assert_talks_to_banner(result, banner6)
@@ -296,6 +308,15 @@ def test_silent_proxy_times_out_after_tmo_and_fails_over(silent, proxies, banner
     assert 0.3 <= elapsed < 0.8
     assert result.attempts == [(mute, "SOCKS handshake timed out after 0.3s")]
     assert pool.is_down(mute)
+
+
+def test_callers_own_timeout_passes_through_and_cleans_up(silent):
+    pool = ProxyPool.create()
+    mute = spec(silent)
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.2):
+        dial([mute], "127.0.0.1", 25, deadline=5, pool=pool)
+    assert {k: row(pool, mute)[k] for k in ("dials", "failures", "in_use", "state")} == \
+        {"dials": 1, "failures": 0, "in_use": 0, "state": "up"}
 
 
 def test_deadline_leaves_later_proxies_untried(silent, proxies, banner):

@@ -138,7 +138,7 @@ class QueueRunner:
         }
         pool = self.ctx.shared.proxypool
         if pool is not None:
-            stats["proxies"] = pool.snapshot()
+            stats["socks_proxies"] = [dict(row, down_until=row["down_until"] or 0) for row in pool.snapshot()]
         self.ctx.stats.update(stats)
 
 
