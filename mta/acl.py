@@ -40,6 +40,7 @@ from mta.variables import SessionVariables
 
 VERBS = ("accept", "defer", "deny", "discard", "drop", "require", "warn")
 MAX_NESTING = 20
+_MAX_INLINE_ACLS = 256
 _NAME = re.compile(r"\s*([A-Za-z][A-Za-z0-9_]*)?\s*")
 # For each verb, the results for which its message/log_message are used.
 _MESSAGE_RESULTS = {
@@ -85,6 +86,8 @@ class CompiledAcls:
         acl = self.inline.get(text)
         if acl is None:
             acl = _compile_inline(text, line, self.context)
+            if len(self.inline) >= _MAX_INLINE_ACLS:   # names expanded at run time
+                self.inline.clear()
             self.inline[text] = acl
         return acl
 
@@ -113,21 +116,19 @@ def _error(line: Line | None, message: str) -> ConfigError:
 
 
 def _compile_statements(lines: list[Line], context: CompileContext) -> tuple[Statement, ...]:
-    statements: list[Statement] = []
-    items: list[Item] = []
+    parsed: list[tuple[str, Line, list[Item]]] = []
     for line in lines:
-        verb, item = _parse_line(line, statements, context)
+        verb, item = _parse_line(line, bool(parsed), context)
         if verb is not None:
-            items = []
-            statements.append(Statement(verb, (), line))
+            parsed.append((verb, line, []))
         if item is not None:
-            items.append(item)
-        statements[-1] = Statement(statements[-1].verb, tuple(items), statements[-1].line)
-    return tuple(statements)
+            parsed[-1][2].append(item)
+    return tuple(Statement(verb, tuple(items), line) for verb, line, items in parsed)
 
 
-def _parse_line(line: Line, statements: list[Statement], context: CompileContext):
-    """(new verb or None, item or None) for one ACL line, as Exim's acl_read."""
+def _parse_line(line: Line, in_statement: bool, context: CompileContext) -> tuple[str | None, Item | None]:
+    """(new verb or None, item or None) for one ACL line, as Exim's acl_read:
+    a line that does not start with a verb continues the previous statement."""
     text = line.text
     negated, name, rest = _read_name(text)
     verb = None
@@ -138,7 +139,7 @@ def _parse_line(line: Line, statements: list[Statement], context: CompileContext
         if not rest:
             return verb, None
         negated, name, rest = _read_name(rest)
-    elif not statements:
+    elif not in_statement:
         raise line.error(f'unknown ACL verb "{name}" in "{text}"')
     try:
         return verb, compile_item(name, negated, rest, line, context)
@@ -494,7 +495,7 @@ class AclPolicy:
         return verdict
 
     def _state(self, session) -> ConnectionState:
-        if self.connection is None or self.connection.variables.session is not session:
+        if self.connection is None:
             self.connection = ConnectionState(session, self.services.lookups)
         return self.connection
 

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from mta import ratelimit
 from mta.configfile import Line
 from mta.expand import Expansion, ExpansionError, ExpansionForcedFail, compile_expansion
 from mta.lists import AddressList, DomainList, HostList, ListError, LocalPartList, NamedLists
-from mta import ratelimit
 from mta.lookups import LookupCache, LookupFailed, interpret_escape
 from mta.ratelimit import RatelimitError, event_count, event_unique, parse_ratelimit, \
     parse_time_interval, split_exim_list
@@ -374,15 +374,13 @@ class Delay(Item):
         return OK
 
 
-def control_action(text: str) -> str:
-    """OK for a control that is a no-op here, ERROR for `control = error`;
+def control_is_error(text: str) -> bool:
+    """True for `control = error`, False for a control that is a no-op here;
     AclProblem(ERROR) for a control this server does not implement."""
     name = text.split("/", 1)[0].strip()
-    if name == "error":
-        return ERROR
-    if name in NO_OP_CONTROLS:
-        return OK
-    raise AclProblem(ERROR, f'unsupported or unknown control "{text}"')
+    if name != "error" and name not in NO_OP_CONTROLS:
+        raise AclProblem(ERROR, f'unsupported or unknown control "{text}"')
+    return name == "error"
 
 
 @dataclass(frozen=True)
@@ -393,10 +391,9 @@ class Control(Item):
         value = expand(run, self.text)
         if value is None:
             return SKIP
-        action = control_action(value)
-        if action == ERROR:
+        if control_is_error(value):
             raise AclProblem(ERROR, "")
-        return action
+        return OK
 
 
 def log_targets(text: str) -> tuple[frozenset[str], str]:
@@ -546,7 +543,7 @@ def _build_delay(name, negated, argument, line, context, variable) -> Item:
 def _build_control(name, negated, argument, line, context, variable) -> Item:
     expansion = _expansion(name, argument, context)
     if expansion.is_constant:
-        _as_item_error(control_action, expansion.constant_value)
+        _as_item_error(control_is_error, expansion.constant_value)
     return Control(name, negated, line, text=expansion)
 
 

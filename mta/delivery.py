@@ -345,15 +345,7 @@ class Deliverer:
                 return False
         addresses = [outcome.result.address.address for outcome in run.failures]
         _in_thread(self.spool.journal, run.info.message_id, [(address, "failed") for address in addresses])
-        for outcome in run.failures:
-            result = outcome.result
-            if outcome.timed_out:
-                result = Result(result.address, FAILED, "retry timeout exceeded", result.errno, result.host)
-            self.logs.main(failed_line(run.info, result, outcome.router, outcome.transport,
-                                       self.logs.selector))
-            run.done.add(result.address.address)
-            run.retry.pop(result.address.address, None)
-        self.counters["failed"] += len(run.failures)
+        self._log_failures(run)
         if bounce is not None:
             bounce_id, size = bounce
             self.logs.main(f"{bounce_id} <= <> R={run.info.message_id} U={self._user} P=local S={size}")
@@ -363,6 +355,17 @@ class Deliverer:
             self.logs.main(f"{run.info.message_id} failed address(es) not reported: "
                            "the message is a bounce (null sender); discarded")
         return True
+
+    def _log_failures(self, run: _Run) -> None:
+        for outcome in run.failures:
+            result = outcome.result
+            if outcome.timed_out:
+                result = Result(result.address, FAILED, "retry timeout exceeded", result.errno, result.host)
+            self.logs.main(failed_line(run.info, result, outcome.router, outcome.transport,
+                                       self.logs.selector))
+            run.done.add(result.address.address)
+            run.retry.pop(result.address.address, None)
+        self.counters["failed"] += len(run.failures)
 
     def _bounce(self, run: _Run) -> tuple[str, int]:
         failures = [_failed_recipient(outcome) for outcome in run.failures]

@@ -45,6 +45,7 @@ class SmtpRecorder:
     batches: list[list[str]] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     connections: int = 0
+    peers: list[str] = field(default_factory=list)
     port: int = 0
     _server: StreamServer | None = None
     _sessions: set = field(default_factory=set)
@@ -68,6 +69,7 @@ class SmtpRecorder:
 
     def _handle(self, sock, address) -> None:
         self.connections += 1
+        self.peers.append(address[0])
         session = _Session(self, sock, self.connections)
         self._sessions.add(session)
         try:

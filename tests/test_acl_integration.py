@@ -36,6 +36,7 @@ def wait_until_both_workers_accept(server) -> None:
     fresh addresses (each under its own limit) until both have served."""
     for last in range(10, 60):
         banner(server.port, f"127.0.0.{last}")
+        time.sleep(0.01)
         if len(pids_of(server.log(), "SMTP connection from [127.0.0.")) == 2:
             return
     raise AssertionError("one SMTP worker never accepted a connection")
@@ -48,7 +49,10 @@ def pids_of(log: str, text: str) -> set[int]:
 def test_chapter_example_limits_per_ip_across_workers(mta):
     server = mta("log_selector = +smtp_connection +pid\n" + CHAPTER.format(limit="LIMIT = 5"), workers=2)
     wait_until_both_workers_accept(server)
-    replies = [banner(server.port, "127.0.0.2") for _ in range(20)]
+    replies = []
+    for _ in range(20):   # paced a little so that both workers get some
+        replies.append(banner(server.port, "127.0.0.2"))
+        time.sleep(0.01)
     assert [reply[:3] for reply, _ in replies] == ["220"] * 5 + ["451"] * 15
     assert all(reply == DEFERRED and closed for reply, closed in replies[5:])
     assert banner(server.port, "127.0.0.3")[0].startswith("220")

@@ -265,6 +265,16 @@ remote_smtp:
     assert ("example.net", "MX") in dns.queries
 
 
+def test_interface_and_transport_hosts_override(tmp_path, recorder):
+    options = f"  interface = 127.0.0.2\n  hosts = 127.0.0.1::{recorder.port}\n  hosts_override"
+    routed = closed_port()  # what the router says; the transport's hosts override it
+    deliverer, spool, logs = make_deliverer(tmp_path, smarthost_config(f"127.0.0.1::{routed}", options),
+                                            "+outgoing_port")
+    assert deliverer.deliver(spool_message(spool, "a@example.org", ["x@example.net"])) == COMPLETED
+    assert recorder.peers == ["127.0.0.2"]
+    assert f"H=127.0.0.1 [127.0.0.1]:{recorder.port} C=" in main_log(logs)
+
+
 def test_journal_skips_recipients_already_delivered(tmp_path, recorder):
     deliverer, spool, _ = deliverer_for(tmp_path, recorder)
     message_id = spool_message(spool, "a@example.org", ["one@example.net", "two@example.net", "three@example.net"])

@@ -17,19 +17,23 @@ def cmdline(pid: int) -> str:
         return handle.read().replace(b"\x00", b" ").decode().strip()
 
 
+def wait_for_titles(server, expected: list[str]) -> list[str]:
+    deadline = time.time() + 10
+    while True:
+        titles = sorted(cmdline(pid) for pid in server.worker_pids("smtp") if os.path.exists(f"/proc/{pid}"))
+        if titles == expected or time.time() > deadline:
+            return titles
+        time.sleep(0.1)
+
+
 def test_worker_titles_and_generation(mta):
     server = mta(workers=2, runners=1)
-    titles = sorted(cmdline(pid) for pid in server.worker_pids("smtp"))
-    assert titles == ["mta-server: smtp worker 1 gen 1", "mta-server: smtp worker 2 gen 1"]
+    first = ["mta-server: smtp worker 1 gen 1", "mta-server: smtp worker 2 gen 1"]
+    assert wait_for_titles(server, first) == first
     server.signal_master(signal.SIGHUP)
     server.wait_for_log("generation 2")
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        titles = sorted(cmdline(pid) for pid in server.worker_pids("smtp") if os.path.exists(f"/proc/{pid}"))
-        if titles == ["mta-server: smtp worker 1 gen 2", "mta-server: smtp worker 2 gen 2"]:
-            break
-        time.sleep(0.1)
-    assert titles == ["mta-server: smtp worker 1 gen 2", "mta-server: smtp worker 2 gen 2"]
+    second = ["mta-server: smtp worker 1 gen 2", "mta-server: smtp worker 2 gen 2"]
+    assert wait_for_titles(server, second) == second
 
 
 def test_workers_die_with_the_master(mta):

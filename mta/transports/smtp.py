@@ -3,8 +3,11 @@
 Per host, in the router's order (hosts in their retry wait are skipped):
 connect (directly, or through `socks_proxy` with the shared dialer), banner,
 EHLO (HELO if refused), STARTTLS when offered (required for
-`hosts_require_tls`, skipped for `hosts_avoid_tls`; a failed handshake is
-retried in clear on a new connection unless TLS is required), then
+`hosts_require_tls`, skipped for `hosts_avoid_tls`; a refused STARTTLS
+goes on in clear, a failed handshake is retried in clear on a new
+connection, unless TLS is required or the host is in `tls_verify_hosts`;
+certificates are verified only for `tls_verify_hosts`, against
+`tls_verify_certificates`, a CA file or "system", as in Exim), then
 transactions of up to `max_rcpt` recipients: MAIL and every RCPT sent
 together when PIPELINING is offered, SIZE and BODY=8BITMIME when offered,
 DATA streamed from the spool file with dot-stuffing.
@@ -253,10 +256,9 @@ class SmtpTransport:
             pending = [address for address in pending if address.address not in results]
             if not pending:
                 break
-        return list(results.values()) + self._left_over(pending, failure, waiting_until, job)
+        return list(results.values()) + self._left_over(pending, failure, waiting_until)
 
-    def _left_over(self, pending: list[Address], failure, waiting_until: list[float],
-                   job: DeliveryJob) -> list[Result]:
+    def _left_over(self, pending: list[Address], failure, waiting_until: list[float]) -> list[Result]:
         if not pending:
             return []
         if failure is not None:
@@ -277,7 +279,7 @@ class SmtpTransport:
                 for address in pending]
 
     def _note_host_failure(self, attempt: _Attempt, exc: HostFailure, pending: list[Address]) -> None:
-        if not exc.host_error or exc.permanent:
+        if not exc.host_error or exc.permanent or not pending:
             return
         rule = find_retry_rule(attempt.services.retry_rules, pending[0].address, exc.retry_error)
         attempt.services.host_retry.failed(f"{attempt.host.address}:{attempt.port}", rule, time.time())
@@ -404,10 +406,10 @@ class SmtpTransport:
         verify = self.tls_verify_hosts is not None and self.tls_verify_hosts.match(attempt.host.address)
         reply = self._command(connection, "STARTTLS", self.command_timeout)
         if reply.code != 220:
-            if require or reply.code // 100 == 5:
+            if require:
                 raise HostFailure(_smtp_error("STARTTLS", reply), ERRNO_TLSFAILURE, "tls_required",
                                   reply=reply)
-            raise _RetryInClear()
+            return  # refused: the session simply goes on in clear
         try:
             hostname = attempt.host.name if verify else _sni(attempt.host)
             connection.start_tls(self._tls_context(verify), hostname, self.command_timeout)
