@@ -119,24 +119,31 @@ smarthost:
     assert route(delivery, "x@b.test") == RouteFailed("", "Unrouteable address")
 
 
-def test_unknown_host_with_host_find_failed(tmp_path):
+def test_unknown_host_with_host_find_failed(tmp_path, dns):
     delivery = compile_text(tmp_path, """
 fails:
   driver = manualroute
   domains = f.test
-  route_list = * no-such-host.invalid
+  route_list = * no-such-host.test bydns
   host_find_failed = fail
   transport = remote_smtp
 ignores:
   driver = manualroute
   domains = i.test
-  route_list = * no-such-host.invalid:127.0.0.3
+  route_list = * no-such-host.test:primary.mx.test bydns
   host_find_failed = ignore
   transport = remote_smtp
+defers:
+  driver = manualroute
+  domains = d.test
+  route_list = * broken.test bydns
+  transport = remote_smtp
 """)
-    failed = route(delivery, "x@f.test")
-    assert isinstance(failed, RouteFailed) and "no-such-host.invalid" in failed.message
-    assert route(delivery, "x@i.test").hosts == (Host("127.0.0.3", "127.0.0.3"),)
+    ctx = context([("127.0.0.1", dns.port)])
+    failed = route(delivery, "x@f.test", ctx=ctx)
+    assert isinstance(failed, RouteFailed) and "no-such-host.test" in failed.message
+    assert route(delivery, "x@i.test", ctx=ctx).hosts == (Host("primary.mx.test", "127.0.0.21"),)
+    assert isinstance(route(delivery, "x@d.test", ctx=ctx), RouteDeferred)
 
 
 def test_preconditions_and_no_more(tmp_path):

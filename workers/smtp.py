@@ -77,7 +77,7 @@ def build_resources(ctx: WorkerContext) -> ServerResources:
     return ServerResources(
         limits=limits,
         logs=ctx.logs,
-        committer=GroupCommitter(spool, config.spool_sync),
+        committer=GroupCommitter(spool, config.spool_sync, alone=lambda: ctx.stats.get("connections", 0) <= 1),
         ids=MessageIdSource(os.getpid()),
         hosts_proxy=_hosts_proxy(config),
         proxy_timeout=config.proxy_protocol_timeout,
