@@ -55,6 +55,15 @@ WARMUP = (20, 1024, 200)  # sessions, size, messages: sent to every peer first, 
 START_ATTEMPTS = 3        # a spare port taken by someone else between free_port() and bind
 
 
+
+def bench_directory(peer: str) -> str:
+    """A fresh folder for one peer's spool/queue, under the repository's var/
+    (on the same file system for every peer; where a real spool would be,
+    rather than /tmp, where creating a file can cost twenty times more)."""
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "var", "bench")
+    os.makedirs(base, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{peer}-", dir=base)
+
 class PeerError(RuntimeError):
     pass
 
@@ -161,7 +170,7 @@ class Mta:
 
     def __init__(self, workers: int, extra: str = "", name: str = "mta-server") -> None:
         self.name = name
-        self.directory = tempfile.mkdtemp(prefix="bench-mta-")
+        self.directory = bench_directory("mta")
         os.chmod(self.directory, 0o755)  # the workers drop root and must reach their spool
         self.port = free_port()
         self.server = MtaServer(self.directory, self.port, base_config(
@@ -207,7 +216,7 @@ class HAProxyFront:
             raise PeerError("haproxy is not installed (`make test` installs it)")
         self.mta = retry_start(lambda: Mta(workers, "hosts_proxy = 127.0.0.1", self.name), "mta-server for haproxy")
         try:
-            self.directory = tempfile.mkdtemp(prefix="bench-haproxy-")
+            self.directory = bench_directory("haproxy")
             self.process = retry_start(lambda: self._start(haproxy), "haproxy")
         except BaseException:
             self.mta.stop()
@@ -328,7 +337,7 @@ class Postfix:
                 raise PeerError(f"{program} not found (apt-get install postfix)")
         pwd.getpwnam("postfix")  # KeyError if Postfix's user is missing
         self.process: subprocess.Popen | None = None
-        self.directory = tempfile.mkdtemp(prefix="bench-postfix-")
+        self.directory = bench_directory("postfix")
         # mkdtemp gives 0700; Postfix's daemons run as the postfix user and must traverse it.
         os.chmod(self.directory, 0o755)
         self.config = os.path.join(self.directory, "etc")
