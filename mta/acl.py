@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 import gevent
 
-from mta.acl_conditions import DEFER, DISCARD, ERROR, FAIL, FAIL_DROP, OK, SKIP, STAGES, \
+from mta.acl_conditions import DEFER, DISCARD, ERROR, FAIL, FAIL_DROP, MODIFIERS, OK, SKIP, STAGES, \
     WHERE_NAMES, AclCall, AclProblem, CompileContext, Item, ItemError, Ratelimit, \
-    MODIFIERS, check_constant_ratelimit, compile_item, printable
+    check_constant_ratelimit, compile_item, printable
 from mta.configfile import ConfigError, Line
 from mta.expand import Expansion, ExpansionError, ExpansionForcedFail, compile_expansion
 from mta.log import host_field
@@ -47,7 +47,7 @@ _MESSAGE_RESULTS = {
     "accept": {OK, FAIL, FAIL_DROP}, "defer": {OK}, "deny": {OK}, "discard": {OK, FAIL, FAIL_DROP},
     "drop": {OK}, "require": {FAIL, FAIL_DROP}, "warn": {OK},
 }
-_VERDICT_ACTIONS = {OK: "accept", DISCARD: "discard", FAIL: "deny", FAIL_DROP: "drop", DEFER: "defer"}
+_VERDICT_ACTIONS = {FAIL: "deny", FAIL_DROP: "drop", DEFER: "defer"}
 _DISCARD_STAGES = frozenset({"mail", "rcpt", "data"})
 
 
@@ -274,11 +274,13 @@ class AclRun:
         extra["acl_narg"] = str(len(args))
         for index, value in enumerate(args, start=1):
             extra[f"acl_arg{index}"] = value
+        verb = self.verb
         self.level += 1
         try:
             return self.call_named(name)
         finally:
             self.level -= 1
+            self.verb = verb
             for key in _ARG_NAMES:
                 extra.pop(key, None)
             extra.update(saved)

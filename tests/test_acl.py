@@ -142,6 +142,17 @@ def test_discard_at_mail_and_not_at_connect(tmp_path):
     assert client.session.transaction.discard
 
 
+def test_discard_in_the_data_acl_discards_the_message(tmp_path):
+    server = Server(tmp_path, "data:\n  discard senders = spam@example.org\n  accept\n", "acl_smtp_data = data")
+    for sender, discarded in (("spam@example.org", True), ("a@example.org", False)):
+        client = server.connect()
+        client.start(sender)
+        assert client.send("RCPT TO:<u@localhost>").startswith("250")
+        assert client.send("DATA").startswith("354")
+        verdict = client.session.data_received()
+        assert verdict.accepted and client.session.transaction.discard == discarded
+
+
 def test_require_and_implicit_deny_at_the_end(tmp_path):
     server = rcpt_server(tmp_path, """
   require message = local parts must be short
@@ -268,16 +279,22 @@ acl_check_rcpt:
           acl = defers
   deny    local_parts = x
           acl = discards
+  deny    local_parts = z
+          acl = accepts
+          acl = discards
   accept  acl = discards
 defers:
   defer   message = inner defer
 discards:
   discard
+accepts:
+  accept
 """, "acl_smtp_rcpt = acl_check_rcpt")
     client = server.connect()
     client.start()
     assert client.send("RCPT TO:<d@x.example>") == "451 inner defer"
     assert client.send("RCPT TO:<x@x.example>") == TEMPORARY
+    assert client.send("RCPT TO:<z@x.example>") == TEMPORARY
     assert 'nested ACL returned "discard" for "deny" command' in server.log("reject")
     assert client.send("RCPT TO:<y@x.example>").startswith("250")
     assert client.session.transaction.discard
@@ -433,7 +450,7 @@ def test_chapter_example_defers_the_sixth_connection(tmp_path):
     assert [v.action for v in verdicts] == ["accept"] * 5 + ["defer"] * 2
     assert verdicts[5].message == "Too many connections from this IP right now"
     assert server.connect("127.0.0.3").connect().accepted
-    assert [key for key in server.store._records] == ["5s/per_conn/127.0.0.2", "5s/per_conn/127.0.0.3"]
+    assert server.store.get("5s/per_conn/127.0.0.3").rate == 1.0
 
 
 def test_per_conn_counts_once_per_connection_and_sets_variables(tmp_path):
@@ -455,6 +472,14 @@ helo:
     assert third.connect().accepted
     assert third.send("EHLO c") == "550 rate 3.0 limit 2 per 1h"
     assert 2.9 < server.store.get("1h/per_conn/127.0.0.2").rate < 3.0
+
+
+@pytest.mark.parametrize("mode, stored", [("leaky", (0.9, 2.0)), ("strict", (3.9, 4.0))])
+def test_leaky_records_only_what_it_lets_through(tmp_path, mode, stored):
+    server = Server(tmp_path, f"connect:\n  deny ratelimit = 2 / 1h / per_conn / {mode}\n  accept\n",
+                    "acl_smtp_connect = connect")
+    assert [server.connect().connect().action for _ in range(4)] == ["accept", "accept", "deny", "deny"]
+    assert stored[0] < server.store.get("1h/per_conn/127.0.0.2").rate < stored[1]
 
 
 def test_limit_that_expands_to_nothing_is_zero(tmp_path):

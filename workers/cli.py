@@ -180,7 +180,7 @@ def cmd_status(args) -> int:
     for proxy in proxies:
         print(f"socks proxy {proxy.get('ip')}:{proxy.get('port')}: dials {proxy.get('dials')} "
               f"failures {proxy.get('failures')} in use {proxy.get('in_use')}"
-              + (" DOWN" if proxy.get("down_until", 0) > now else ""))
+              + (" DOWN" if (proxy.get("down_until") or 0) > now else ""))
     return 0
 
 
