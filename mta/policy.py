@@ -52,13 +52,13 @@ class LocalDomainsPolicy:
 
 
 # Exim's acl_wherecodes: the reply code a "deny" gets at each stage.
-DENY_CODES = {"connect": "554", "helo": "550", "mail": "550", "rcpt": "550", "predata": "550", "data": "550"}
+DENY_CODES = {"connect": "550", "helo": "550", "mail": "550", "rcpt": "550", "predata": "550", "data": "550"}
 DEFAULT_TEXTS = {DENY: "Administrative prohibition", DEFER: "Temporary local problem - please try later"}
 
 
 def refusal_reply(stage: str, verdict: Verdict) -> tuple[str, bool]:
     """(reply text, close connection) for a refusing verdict, as Exim does:
-    deny -> the stage's code (554 at connect, else 550), defer -> 451,
+    deny -> 550 (Exim's acl_wherecodes), defer -> 451,
     drop -> like deny and the connection is closed.  A message that starts
     with a code of the right class (`550 5.7.1 text`) supplies its own."""
     default_code = "451" if verdict.action == DEFER else DENY_CODES.get(stage, "550")

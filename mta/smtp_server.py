@@ -143,7 +143,9 @@ class SmtpConnection:
         text, _ = refusal_reply("connect", verdict)
         self._send_now(text)
         reason = verdict.log_message or verdict.message
-        self.res.logs.reject(f'{self._host()} rejected connection in "connect" ACL' + (f": {reason}" if reason else ""))
+        temporarily = "temporarily " if verdict.action == "defer" else ""
+        self.res.logs.reject(f'{self._log_host()} {temporarily}rejected connection in "connect" ACL'
+                             + (f": {reason}" if reason else ""))
         self.end_reason = "refused"
 
     def _timeout(self) -> None:
@@ -270,7 +272,7 @@ class SmtpConnection:
         if not verdict.accepted:
             message.discard()
             return self._data_refused(verdict, envelope)
-        if session.transaction.discard:
+        if session.transaction.discard or not session.transaction.recipients:
             message.discard()
             self.res.logs.main(f"{envelope.id} <= {envelope.sender or '<>'} {self._log_host()} discarded")
             return f"250 2.0.0 OK id={envelope.id}"
@@ -289,7 +291,8 @@ class SmtpConnection:
     def _data_refused(self, verdict: Verdict, envelope: Envelope) -> str:
         text, close = refusal_reply("data", verdict)
         reason = verdict.log_message or verdict.message or verdict.action
-        self.res.logs.reject(f"{self._host()} F=<{envelope.sender}> rejected after DATA: {reason}")
+        temporarily = "temporarily " if verdict.action == "defer" else ""
+        self.res.logs.reject(f"{self._log_host()} F=<{envelope.sender}> {temporarily}rejected after DATA: {reason}")
         if close:
             self.replies.append(text)
             raise ConnectionRefused()

@@ -42,7 +42,8 @@ class Transaction:
     body_type: str = "7BIT"
     recipients: list[str] = field(default_factory=list)
     variables: dict[str, str] = field(default_factory=dict)
-    discard: bool = False
+    discard: bool = False          # the whole message (discard at MAIL, predata or data)
+    discarded_recipients: int = 0  # accepted at RCPT with "discard": never delivered
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,9 @@ class SmtpSession:
         if not verdict.accepted:
             return self._refuse("rcpt", verdict)
         if verdict.action == DISCARD:
-            self.transaction.discard = True
-        self.transaction.recipients.append(address)
+            self.transaction.discarded_recipients += 1  # Exim: accepted, then dropped
+        else:
+            self.transaction.recipients.append(address)
         return Reply("250 2.1.5 Accepted")
 
     def do_DATA(self, argument: str) -> Reply:
@@ -201,7 +203,7 @@ class SmtpSession:
             raise SmtpSyntaxError("501 5.5.4 DATA takes no argument")
         if self.transaction is None:
             return Reply("503 5.5.1 sender not yet given", error=True)
-        if not self.transaction.recipients:
+        if not self.transaction.recipients and not self.transaction.discarded_recipients:
             return Reply("554 5.5.1 No valid recipients", error=True)
         verdict = self.policy.check("predata", self)
         if not verdict.accepted:

@@ -123,12 +123,15 @@ def test_drop_closes_after_the_refusal(tmp_path):
     assert (reply.text, reply.close) == ("550 bye", True)
 
 
-def test_discard_accepts_and_marks_the_message(tmp_path):
+def test_discard_at_rcpt_accepts_and_drops_only_that_recipient(tmp_path):
     server = rcpt_server(tmp_path, "  discard domains = void.example\n  accept\n")
     client = server.connect()
     client.start()
     assert client.send("RCPT TO:<u@void.example>").startswith("250")
-    assert client.session.transaction.discard
+    assert client.send("RCPT TO:<kept@localhost>").startswith("250")
+    transaction = client.session.transaction
+    assert transaction.recipients == ["kept@localhost"]
+    assert transaction.discarded_recipients == 1 and not transaction.discard
 
 
 def test_discard_at_mail_and_not_at_connect(tmp_path):
@@ -297,7 +300,8 @@ accepts:
     assert client.send("RCPT TO:<z@x.example>") == TEMPORARY
     assert 'nested ACL returned "discard" for "deny" command' in server.log("reject")
     assert client.send("RCPT TO:<y@x.example>").startswith("250")
-    assert client.session.transaction.discard
+    assert client.session.transaction.discarded_recipients == 1
+    assert client.session.transaction.recipients == []
 
 
 def test_nesting_loop_is_a_temporary_error(tmp_path):

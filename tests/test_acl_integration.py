@@ -140,4 +140,4 @@ def test_ratelimit_behind_haproxy_counts_the_real_client(mta, tmp_path):
     finally:
         proxy.stop()
     log = server.log("reject")
-    assert "[127.0.0.2] rejected connection" in log and "[127.0.0.1] rejected" not in log
+    assert "[127.0.0.2] temporarily rejected connection" in log and "[127.0.0.1] " not in log
