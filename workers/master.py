@@ -78,7 +78,8 @@ class Master:
     free_slots: list[int] = field(default_factory=list)
     extra_smtp_workers: int = 0
     signals: list[int] = field(default_factory=list)
-    stopping_since: float | None = None
+    kill_stragglers_at: float | None = None   # set when stopping: SIGKILL whoever is left then
+    stop_status: int = 0
     started: float = field(default_factory=time.time)
 
     # -- start ----------------------------------------------------------------
@@ -127,7 +128,7 @@ class Master:
                 self._sleep()
                 self._handle_signals()
                 self._reap()
-                if self.stopping_since is not None:
+                if self.kill_stragglers_at is not None:
                     self._continue_stop()
                     continue
                 self._kill_hung()
@@ -238,7 +239,7 @@ class Master:
     def _worker_exited(self, worker: Worker, status: int) -> None:
         self._release_slot(worker)
         code = os.waitstatus_to_exitcode(status)
-        if worker.retiring or self.stopping_since is not None:
+        if worker.retiring or self.kill_stragglers_at is not None:
             return
         how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
         self.logs.panic(f"{worker.kind} worker {worker.index} (pid {worker.pid}) {how}")
@@ -325,23 +326,26 @@ class Master:
             self._retire(worker)
 
     def begin_stop(self, graceful: bool, status: int = 0) -> None:
+        """TERM lets sessions finish for up to shutdown_timeout; INT/QUIT
+        tells workers to exit at once (and kills them 2s later if not)."""
         self.stop_status = status
-        if self.stopping_since is None:
-            self.stopping_since = time.time()
+        grace = self.config.shutdown_timeout if graceful else 2.0
+        deadline = time.time() + grace
+        if self.kill_stragglers_at is None:
             self.logs.main("mta-server daemon stopping" + ("" if graceful else " (fast)"))
-        signum = signal.SIGTERM if graceful else signal.SIGQUIT
+        else:
+            deadline = min(deadline, self.kill_stragglers_at)
+        self.kill_stragglers_at = deadline
         for worker in self.workers.values():
-            self._signal(worker, signum)
-        if not graceful:
-            self.stopping_since = min(self.stopping_since, time.time() - self.config.shutdown_timeout + 2)
+            self._signal(worker, signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def _continue_stop(self) -> None:
         if not self.workers:
             for sock in self.listeners.values():
                 sock.close()
             self.logs.main("mta-server daemon stopped")
-            raise MasterExit(getattr(self, "stop_status", 0))
-        if time.time() - self.stopping_since > self.config.shutdown_timeout:
+            raise MasterExit(self.stop_status)
+        if time.time() > self.kill_stragglers_at:
             for worker in self.workers.values():
                 self._signal(worker, signal.SIGKILL)
 
@@ -350,7 +354,7 @@ class Master:
     def _write_status(self) -> None:
         record = {
             "pid": os.getpid(), "started": self.started, "generation": self.generation,
-            "config": self.config.path, "stopping": self.stopping_since is not None,
+            "config": self.config.path, "stopping": self.kill_stragglers_at is not None,
             "listening": [str(where) for where in self.listeners],
             "workers": [
                 {"pid": w.pid, "kind": w.kind, "index": w.index, "generation": w.generation,
