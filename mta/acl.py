@@ -214,6 +214,17 @@ class AclServices:
     logs: Any                           # mta.log.Logs
     lookups: LookupCache
     sleep: Callable[[float], Any] = gevent.sleep
+    observer: Callable[[str, Verdict, "Decision"], None] | None = None
+    """Told of every stage's verdict and what decided it (counters, host-check)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What decided a stage: the ACL's name and its deciding statement
+    (None when the ACL ran off its end, or no ACL is set for the stage)."""
+
+    acl: str
+    statement: Statement | None
 
 
 class ConnectionState:
@@ -243,6 +254,7 @@ class AclRun:
         self.log_msg: str | None = None
         self.log_is_user_msg = False
         self.temp_details = False
+        self.decision = Decision("", None)
 
     def run_stage(self, top: Acl | Expansion) -> str:
         if isinstance(top, Expansion):
@@ -294,10 +306,13 @@ class AclRun:
             self.verb = statement.verb
             result = self._statement(statement)
             if result == ERROR or (result == DEFER and statement.verb != "warn"):
+                self.decision = Decision(acl.name, statement)
                 return result
             decided = _VERB_OUTCOMES[statement.verb](self, result)
             if decided is not None:
+                self.decision = Decision(acl.name, statement)
                 return decided
+        self.decision = Decision(acl.name, None)
         return FAIL
 
     def _statement(self, statement: Statement) -> str:
@@ -470,6 +485,7 @@ def _split_point(chars: list[str], start: int, pos: int) -> int | None:
 # The policy
 
 
+_NO_ACL = Decision("", None)
 _LOGGED_STAGES = {"helo": "EHLO or HELO", "mail": "MAIL", "rcpt": "RCPT", "predata": "DATA"}
 
 
@@ -488,12 +504,15 @@ class AclPolicy:
 
     def check(self, stage: str, session) -> Verdict:
         top = self.acls.stages.get(stage)
+        decision = _NO_ACL
         if top is None:
             verdict = self.fallback.check(stage, session)
         else:
-            verdict = self._run(stage, top, session)
+            verdict, decision = self._run(stage, top, session)
         if not verdict.accepted and stage in _LOGGED_STAGES:
             self._log_refusal(stage, verdict, session)
+        if self.services.observer is not None:
+            self.services.observer(stage, verdict, decision)
         return verdict
 
     def _state(self, session) -> ConnectionState:
@@ -501,7 +520,7 @@ class AclPolicy:
             self.connection = ConnectionState(session, self.services.lookups)
         return self.connection
 
-    def _run(self, stage: str, top: Acl | Expansion, session) -> Verdict:
+    def _run(self, stage: str, top: Acl | Expansion, session) -> tuple[Verdict, Decision]:
         connection = self._state(session)
         connection.rates.start_acl()
         if stage in ("helo", "mail"):
@@ -512,7 +531,7 @@ class AclPolicy:
         if result == DISCARD and stage not in _DISCARD_STAGES:
             self.services.logs.panic(f'"discard" verb not allowed in {WHERE_NAMES[stage]} ACL')
             result = ERROR
-        return self._verdict(result, run, session)
+        return self._verdict(result, run, session), run.decision
 
     def _verdict(self, result: str, run: AclRun, session) -> Verdict:
         if result == OK:

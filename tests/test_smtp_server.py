@@ -57,6 +57,17 @@ class Client:
 MESSAGE = "From: a@example.org\r\nTo: user@localhost\r\nMessage-ID: <test-1@example.org>\r\nSubject: hi\r\n\r\nbody\r\n"
 
 
+def in_data(port: int) -> Client:
+    """A client that has been answered 354 for one local recipient."""
+    client = Client(port)
+    client.reply()
+    client.command("EHLO c.example")
+    client.command("MAIL FROM:<a@b.example>")
+    client.command("RCPT TO:<u@localhost>")
+    assert client.command("DATA").startswith("354")
+    return client
+
+
 def send_one(port: int, message: str = MESSAGE, rcpts=("user@localhost",)) -> str:
     client = Client(port)
     assert client.reply().startswith("220 ")
@@ -173,12 +184,7 @@ def test_idle_client_times_out(mta):
 
 def test_disconnect_mid_data_leaves_nothing(mta):
     server = mta()
-    client = Client(server.port)
-    client.reply()
-    client.command("EHLO c.example")
-    client.command("MAIL FROM:<a@b.example>")
-    client.command("RCPT TO:<u@localhost>")
-    client.command("DATA")
+    client = in_data(server.port)
     client.send("Subject: half\r\n\r\nsome data")
     time.sleep(0.3)
     client.close()
@@ -225,12 +231,7 @@ def test_tls_on_connect(mta, certificates):
 
 def test_killed_worker_mid_data_leaves_nothing_visible_and_others_serve(mta):
     server = mta(workers=2)
-    client = Client(server.port)
-    client.reply()
-    client.command("EHLO c.example")
-    client.command("MAIL FROM:<a@b.example>")
-    client.command("RCPT TO:<u@localhost>")
-    client.command("DATA")
+    client = in_data(server.port)
     client.send("Subject: half\r\n\r\n" + "x" * 1000)
     time.sleep(0.3)
     busy = [s["pid"] for s in server.worker_statuses("smtp") if s["stats"].get("connections")]
