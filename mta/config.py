@@ -46,6 +46,22 @@ def _address_list(text: str) -> tuple[str, ...]:
     return tuple(split_list(text))
 
 
+def _listen_address(text: str) -> tuple[str, int] | tuple[()]:
+    """`127.0.0.1:9125` or `[::1]:9125`: an IP address and a port; empty: off."""
+    import ipaddress
+
+    if not text.strip():
+        return ()
+    match = re.fullmatch(r"\s*(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):(\d+)\s*", text)
+    if not match:
+        raise BadValue(f'"{text}" is not ADDRESS:PORT (an IPv6 address in brackets)')
+    try:
+        address = str(ipaddress.ip_address(match.group(1) or match.group(2)))
+    except ValueError:
+        raise BadValue(f'"{text}" does not start with an IP address') from None
+    return address, parse_port(match.group(3))
+
+
 def _spool_sync(text: str) -> str:
     if text.strip() not in ("syncfs", "fsync"):
         raise BadValue(f'"{text}" is not syncfs or fsync')
@@ -97,6 +113,7 @@ MAIN_OPTIONS: dict[str, Option] = {
     "ratelimit_table_size": Option(_positive_int, 65536),
     "worker_heartbeat_timeout": Option(_optional_time, 30.0),
     "shutdown_timeout": Option(_optional_time, 30.0),
+    "metrics_listen": Option(_listen_address, ()),
 }
 
 # log_selector items we know; the default set is Exim's where it overlaps.

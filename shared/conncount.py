@@ -59,6 +59,7 @@ T = TypeVar("T")
 
 _HEADER = struct.Struct("<IIqqII")  # version pid total overflow used capacity
 _VERSION = struct.Struct("<I")
+_VERSION_AND_TOTAL = struct.Struct("<I4xq")  # version, (pid), total
 _ENTRY = struct.Struct("<16siI")    # digest count pad
 _DIGEST_SIZE = 16
 _EMPTY = bytes(_DIGEST_SIZE)
@@ -291,8 +292,20 @@ class ConnCounts:
         _HEADER.pack_into(self._mm, base, (version + 1) & _U32, 0, 0, 0, 0, self.capacity)
 
     def total(self) -> int:
-        """Open connections over all workers."""
-        return sum(view.total() for view in self._views)
+        """Open connections over all workers.
+
+        On every connection's path, over every slot, so the seqlock read is
+        inlined: one unpack for version and total, one to re-check the
+        version; a slot caught mid-write is read again the slow way.
+        """
+        read, version, mm = _VERSION_AND_TOTAL.unpack_from, _VERSION.unpack_from, self._mm
+        total = 0
+        for view in self._views:
+            before, count = read(mm, view._base)
+            if before & 1 or version(mm, view._base)[0] != before:
+                count = view.total()
+            total += count
+        return total
 
     def count(self, key: bytes | str) -> int:
         """Open connections with ``key`` over all workers."""
