@@ -211,9 +211,13 @@ class SmtpConnection:
 
     def _flush(self) -> None:
         if self.replies:
-            payload = "\r\n".join(self.replies) + "\r\n"
+            payload = ("\r\n".join(self.replies) + "\r\n").encode("utf-8", "replace")
             self.replies.clear()
-            self.sock.sendall(payload.encode("utf-8", "replace"))
+            # One send() nearly always takes a reply whole; gevent's sendall
+            # would first ask the kernel for the buffer size, every time.
+            sent = self.sock.send(payload)
+            if sent < len(payload):
+                self.sock.sendall(payload[sent:])
 
     def _send_now(self, text: str) -> None:
         self.replies.append(text)

@@ -7,8 +7,6 @@ import signal
 import sys
 import time
 
-import msgpack
-
 from mta.config import Config, load_config
 from mta.configfile import ConfigError
 from mta.log import timestamp
@@ -42,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         ("check-config", cmd_check_config, "check the configuration; print FILE:LINE for errors"),
         ("queue", cmd_queue, "list spooled messages, like mailq"),
         ("ratelimit-dump", cmd_ratelimit_dump, "print the ratelimit records, like exim_dumpdb"),
+        ("host-check", cmd_host_check, "an SMTP session on stdin/stdout as if from IP, like exim -bh"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("-C", dest="config", default=os.environ.get("MTA_CONFIG", DEFAULT_CONFIG),
@@ -49,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=handler)
         if name == "start":
             command.add_argument("--foreground", action="store_true", help="do not detach; log to stderr too")
+        if name == "host-check":
+            _host_check_arguments(command)
     return parser
 
 
@@ -156,53 +157,49 @@ def cmd_reload(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from workers import status_files
+    from workers.metrics import live_workers, totals
+
     config = load_config(args.config)
     pid = _master_pid(config)
     if pid is None:
         print("mta-server: not running")
         return 3
-    master = _read_status(os.path.join(config.spool_directory, "run", "master.status")) or {}
+    master = status_files.master_status(config)
+    workers = live_workers(master, status_files.worker_statuses(master))
     now = time.time()
     print(f"master pid {pid}, generation {master.get('generation', '?')}, up {_age(now - master.get('started', now))}")
-    print(f"listening: {', '.join(master.get('listening', []))}")
+    print(f"listening: {', '.join(master.get('listening', []))}"
+          + (f"; metrics on {master['metrics']}" if master.get("metrics") else ""))
+    print(f"smtp workers: {master.get('smtp_workers', '?')} (smtp_workers = {config.smtp_workers}, "
+          "TTIN/TTOU to change)")
     print(f"{'pid':>7} {'kind':<9} {'index':>5} {'gen':>4} {'age':>8} {'conns':>6}  state")
-    proxies: list[dict] = []
-    for worker in master.get("workers", []):
-        status = _read_status(worker["status_path"]) or {}
+    for worker, status in workers:
         stats = status.get("stats", {})
         state = "retiring" if worker.get("retiring") else ("starting" if not status else "serving")
         conns = stats.get("connections", stats.get("deliveries_in_flight", 0))
         print(f"{worker['pid']:>7} {worker['kind']:<9} {worker['index']:>5} {worker['generation']:>4} "
               f"{_age(now - worker['started']):>8} {conns:>6}  {state}")
-        proxies = stats.get("socks_proxies", proxies) or proxies
-    print(f"queue: {len(Spool(config.spool_directory).message_ids())} message(s)")
-    _print_ratetable_fill(config)
+    counted = totals(master, workers)
+    print(f"queue: {status_files.queue_size(config)} message(s); since start: received {counted.get('received', 0)}, "
+          f"delivered {counted.get('delivered', 0)}, deferred {counted.get('deferred', 0)}, "
+          f"failed {counted.get('failed', 0)}")
+    fill = status_files.ratelimit_fill(config)
+    if fill is not None:
+        print(f"ratelimit table: {fill[0]} of {fill[1]} records used")
+    _print_socks_proxies(workers, now)
+    return 0
+
+
+def _print_socks_proxies(workers: list[tuple[dict, dict]], now: float) -> None:
+    """The proxy pool is shared memory: any runner's snapshot is all of it."""
+    proxies: list[dict] = []
+    for _, status in workers:
+        proxies = status.get("stats", {}).get("socks_proxies") or proxies
     for proxy in proxies:
         print(f"socks proxy {proxy.get('ip')}:{proxy.get('port')}: dials {proxy.get('dials')} "
               f"failures {proxy.get('failures')} in use {proxy.get('in_use')}"
               + (" DOWN" if (proxy.get("down_until") or 0) > now else ""))
-    return 0
-
-
-def _print_ratetable_fill(config: Config) -> None:
-    from shared.ratetable import RateTable, RateTableFormatError
-    from workers.shared_setup import ratelimit_path
-
-    try:
-        table = RateTable.open(ratelimit_path(config))
-    except (OSError, RateTableFormatError):
-        return
-    used, slots = table.fill()
-    table.close()
-    print(f"ratelimit table: {used} of {slots} records used")
-
-
-def _read_status(path: str) -> dict | None:
-    try:
-        with open(path, "rb") as handle:
-            return msgpack.unpackb(handle.read(), raw=False)
-    except (OSError, ValueError, msgpack.UnpackException):
-        return None
 
 
 def _age(seconds: float) -> str:
@@ -250,6 +247,57 @@ def cmd_ratelimit_dump(args) -> int:
         print(f"{timestamp(item.time)}  rate: {item.rate:10.3f} key: {item.key}")
     table.close()
     return 0
+
+
+def _host_check_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("ip", type=_ip_address, help="the client's address")
+    command.add_argument("--proxy", type=_ip_address, default="", metavar="PROXY_IP",
+                         help="the client comes through this proxy (PROXY protocol)")
+    command.add_argument("--update-ratelimits", action="store_true",
+                         help="write the ratelimit records (by default they are read, never written)")
+
+
+def _ip_address(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'"{text}" is not an IP address') from None
+
+
+def cmd_host_check(args) -> int:
+    """Exim's -bh: the real ACLs and ratelimit records, nothing spooled."""
+    from mta.host_check import Peer, run_host_check
+    from workers.listeners import listen_addresses
+
+    config = _load(args)
+    first = listen_addresses(config.local_interfaces, config.daemon_smtp_ports, config.tls_on_connect_ports)[0]
+    store = _host_check_store(config, args.update_ratelimits)
+    try:
+        run_host_check(config, store, Peer(args.ip, args.proxy, (first.address, first.port)),
+                       sys.stdin.buffer, sys.stdout)
+    finally:
+        store.close()
+    return 0
+
+
+def _host_check_store(config: Config, update: bool):
+    """The ratelimit table itself with --update-ratelimits, else an overlay
+    that reads it and keeps this session's updates in memory."""
+    from mta.host_check import OverlayRateStore
+    from shared.ratetable import RateTable, RateTableFormatError
+    from workers.shared_setup import ratelimit_path
+
+    path = ratelimit_path(config)
+    if update:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return RateTable.create(path, config.ratelimit_table_size)
+    try:
+        return OverlayRateStore(RateTable.open(path))
+    except (FileNotFoundError, RateTableFormatError) as exc:
+        print(f">>> ratelimit table not usable ({exc}): rates start from zero")
+        return OverlayRateStore(None)
 
 
 if __name__ == "__main__":

@@ -28,15 +28,18 @@ from mta.spool import Spool
 from mta.validate import validate_config
 from workers.context import SharedState, WorkerContext
 from workers.listeners import ListenAddress, bind, listen_addresses
+from workers.metrics import add_counters
+from workers.notify import sd_notify
 from workers.process import EXIT_BOOT_ERROR, run_worker
 from workers.shared_setup import create_shared_state, prepare_directories, runtime_directory
+from workers.status_files import read_status
 
 TICK = 1.0
 MAX_BACKOFF = 30.0
 QUICK_DEATH = 10.0          # a worker dying sooner than this after start counts as a crash loop
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                    signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU)
-WORKER_MODULES = {"smtp": "workers.smtp", "delivery": "workers.delivery"}
+WORKER_MODULES = {"smtp": "workers.smtp", "delivery": "workers.delivery", "metrics": "workers.metrics_http"}
 
 
 class MasterExit(Exception):
@@ -72,6 +75,9 @@ class Master:
     generation: int = 1
     workers: dict[int, Worker] = field(default_factory=dict)
     listeners: dict[ListenAddress, socket.socket] = field(default_factory=dict)
+    metrics_listener: tuple[ListenAddress, socket.socket] | None = None
+    retired: dict = field(default_factory=dict)
+    """Counters of workers that have exited (see workers/metrics.py)."""
     shared: SharedState = field(default_factory=SharedState)
     inboxes: list[tuple[socket.socket, socket.socket]] = field(default_factory=list)
     respawn: dict[tuple[str, int], Respawn] = field(default_factory=dict)
@@ -94,7 +100,10 @@ class Master:
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._enqueue_signal)
         listening = ", ".join(str(where) for where in self.listeners)
-        self.logs.main(f"mta-server daemon started: pid={os.getpid()}, listening for SMTP on {listening}")
+        self.logs.main(f"mta-server daemon started: pid={os.getpid()}, listening for SMTP on {listening}"
+                       + (f", metrics on {self.metrics_listener[0]}" if self.metrics_listener else ""))
+        self._spawn_missing()
+        self._notify("READY=1")
 
     def _remove_orphans(self) -> None:
         """Data files without an envelope are messages that were never
@@ -115,10 +124,23 @@ class Master:
         config = self.config
         wanted = listen_addresses(config.local_interfaces, config.daemon_smtp_ports, config.tls_on_connect_ports)
         fresh = {where: self.listeners.get(where) or bind(where) for where in wanted}
+        metrics = self._metrics_listener(config.metrics_listen)
         for where, sock in self.listeners.items():
             if where not in fresh:
                 sock.close()
+        if self.metrics_listener is not None and self.metrics_listener is not metrics:
+            self.metrics_listener[1].close()
         self.listeners = fresh
+        self.metrics_listener = metrics
+
+    def _metrics_listener(self, address: tuple) -> tuple[ListenAddress, socket.socket] | None:
+        """The metrics socket: kept across reloads while its address stays."""
+        if not address:
+            return None
+        where = ListenAddress(address[0], address[1], False)
+        if self.metrics_listener is not None and self.metrics_listener[0] == where:
+            return self.metrics_listener
+        return where, bind(where)
 
     # -- the loop ---------------------------------------------------------------
 
@@ -161,17 +183,30 @@ class Master:
                 self.begin_stop(graceful=True)
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self.begin_stop(graceful=False)
-            elif signum == signal.SIGTTIN:
-                self.extra_smtp_workers += 1
-            elif signum == signal.SIGTTOU and self.config.smtp_workers + self.extra_smtp_workers > 1:
-                self.extra_smtp_workers -= 1
+            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+                self._resize(+1 if signum == signal.SIGTTIN else -1)
+
+    def _resize(self, change: int) -> None:
+        """TTIN/TTOU: one SMTP worker more or less (at least one; at most
+        what leaves half the shared-memory slots for draining generations)."""
+        name = "SIGTTIN" if change > 0 else "SIGTTOU"
+        if self.smtp_worker_count + change < 1 or len(self._desired()) + change > self.shared.conncounts_slots // 2:
+            self.logs.main(f"{name} ignored: {self.smtp_worker_count} SMTP worker(s) is the limit")
+            return
+        self.extra_smtp_workers += change
+        self.logs.main(f"SMTP workers: {self.smtp_worker_count} ({name})")
+
+    @property
+    def smtp_worker_count(self) -> int:
+        return self.config.smtp_workers + self.extra_smtp_workers
 
     # -- children -----------------------------------------------------------------
 
     def _desired(self) -> list[tuple[str, int]]:
-        smtp = self.config.smtp_workers + self.extra_smtp_workers
+        smtp = self.smtp_worker_count
         runners = self.config.queue_runners
-        return [("smtp", i) for i in range(1, smtp + 1)] + [("delivery", i) for i in range(1, runners + 1)]
+        metrics = [("metrics", 1)] if self.metrics_listener is not None else []
+        return [("smtp", i) for i in range(1, smtp + 1)] + [("delivery", i) for i in range(1, runners + 1)] + metrics
 
     def _spawn_missing(self) -> None:
         current = {(w.kind, w.index) for w in self.workers.values() if not w.retiring}
@@ -203,8 +238,10 @@ class Master:
         if kind == "smtp":
             ctx.listeners = [(sock, where.tls_on_connect) for where, sock in self.listeners.items()]
             ctx.runner_inboxes = [sender for sender, _ in self._runner_inboxes()]
-        else:
+        elif kind == "delivery":
             ctx.runner_inboxes = [receiver for _, receiver in self._runner_inboxes()]
+        elif self.metrics_listener is not None:
+            ctx.listeners = [(self.metrics_listener[1], False)]
         return ctx
 
     def _runner_inboxes(self) -> list[tuple[socket.socket, socket.socket]]:
@@ -260,14 +297,16 @@ class Master:
     def _release_slot(self, worker: Worker) -> None:
         if worker.kind == "smtp":
             self.shared.conncounts.clear_slot(worker.slot)
-        else:
+        elif worker.kind == "delivery":
             self.shared.proxypool.retire_slot(worker.slot)
         self.free_slots.append(worker.slot)
-        for path in (worker.status_path,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
+        last = read_status(worker.status_path)
+        if last is not None:
+            add_counters(self.retired, last.get("stats", {}))
+        try:
+            os.unlink(worker.status_path)
+        except FileNotFoundError:
+            return  # it never wrote one
 
     def _kill_hung(self) -> None:
         timeout = self.config.worker_heartbeat_timeout
@@ -301,6 +340,11 @@ class Master:
 
     def reload(self) -> None:
         """Re-read everything; if valid, a new generation replaces the old."""
+        self._notify("RELOADING=1")
+        self._reload()
+        self._notify("READY=1")
+
+    def _reload(self) -> None:
         try:
             config = load_config(self.config.path)
             validate_config(config)
@@ -333,6 +377,7 @@ class Master:
         deadline = time.time() + grace
         if self.kill_stragglers_at is None:
             self.logs.main("mta-server daemon stopping" + ("" if graceful else " (fast)"))
+            self._notify("STOPPING=1")
         else:
             deadline = min(deadline, self.kill_stragglers_at)
         self.kill_stragglers_at = deadline
@@ -343,6 +388,8 @@ class Master:
         if not self.workers:
             for sock in self.listeners.values():
                 sock.close()
+            if self.metrics_listener is not None:
+                self.metrics_listener[1].close()
             self.logs.main("mta-server daemon stopped")
             raise MasterExit(self.stop_status)
         if time.time() > self.kill_stragglers_at:
@@ -356,6 +403,8 @@ class Master:
             "pid": os.getpid(), "started": self.started, "generation": self.generation,
             "config": self.config.path, "stopping": self.kill_stragglers_at is not None,
             "listening": [str(where) for where in self.listeners],
+            "metrics": str(self.metrics_listener[0]) if self.metrics_listener else "",
+            "smtp_workers": self.smtp_worker_count, "retired": self.retired,
             "workers": [
                 {"pid": w.pid, "kind": w.kind, "index": w.index, "generation": w.generation,
                  "started": w.started, "retiring": w.retiring, "status_path": w.status_path}
@@ -367,6 +416,12 @@ class Master:
         with open(temporary, "wb") as handle:
             handle.write(msgpack.packb(record))
         os.replace(temporary, path)
+
+    def _notify(self, state: str) -> None:
+        try:
+            sd_notify(state)
+        except OSError as exc:
+            self.logs.panic(f"cannot notify systemd ({state}): {exc}")
 
 
 def acquire_pid_file(path: str) -> int:

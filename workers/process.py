@@ -33,8 +33,10 @@ def run_worker(ctx: WorkerContext, serve: Callable[[WorkerContext], None], statu
     try:
         gevent.reinit()
         _set_up_process(ctx)
-        gevent.spawn(_heartbeat, ctx, status_path)
+        started = time.time()
+        gevent.spawn(_heartbeat, ctx, status_path, started)
         serve(ctx)
+        _write_status(ctx, status_path, started)  # the final counters, for the master's totals
     except BootError as exc:
         ctx.logs.panic(f"{ctx.kind} worker {ctx.index} failed to start: {exc}")
         code = EXIT_BOOT_ERROR
@@ -88,16 +90,19 @@ def _install_signals(ctx: WorkerContext) -> None:
     gevent.signal_handler(signal.SIGQUIT, os._exit, EXIT_OK)
 
 
-def _heartbeat(ctx: WorkerContext, path: str) -> None:
+def _heartbeat(ctx: WorkerContext, path: str, started: float) -> None:
     """Rewrite the status file every second; the master watches its mtime."""
-    started = time.time()
-    temporary = f"{path}.{os.getpid()}"
     while True:
-        record = {
-            "pid": os.getpid(), "kind": ctx.kind, "index": ctx.index, "generation": ctx.generation,
-            "started": started, "stopping": ctx.stopping.is_set(), "stats": ctx.stats,
-        }
-        with open(temporary, "wb") as handle:
-            handle.write(msgpack.packb(record, default=str))
-        os.replace(temporary, path)
+        _write_status(ctx, path, started)
         gevent.sleep(HEARTBEAT_INTERVAL)
+
+
+def _write_status(ctx: WorkerContext, path: str, started: float) -> None:
+    record = {
+        "pid": os.getpid(), "kind": ctx.kind, "index": ctx.index, "generation": ctx.generation,
+        "started": started, "stopping": ctx.stopping.is_set(), "stats": ctx.stats,
+    }
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        handle.write(msgpack.packb(record, default=str))
+    os.replace(temporary, path)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+from typing import Callable
 
 import gevent
 import gevent.pool
 import gevent.socket
 import msgpack
 
+from mta.acl import Decision
 from mta.committer import GroupCommitter
 from mta.connection_gate import ConnectionGate, ConnectionLimits
 from mta.expand import ExpansionError, compile_expansion
 from mta.lists import HostList, ListError
 from mta.lookups import LookupCache
 from mta.message_id import MessageIdSource
+from mta.policy import DEFER, Verdict
 from mta.policy_setup import build_policy_factory
 from mta.smtp_server import ServerResources, SmtpConnection
 from mta.smtp_session import Limits
@@ -27,6 +30,8 @@ from workers.process import BootError
 
 
 def serve(ctx: WorkerContext) -> None:
+    for counter in ("connections", "connections_total", "ratelimit_defers", "received"):
+        ctx.stats.setdefault(counter, 0)
     resources = build_resources(ctx)
     handlers = gevent.pool.Group()
     acceptors = [
@@ -42,6 +47,7 @@ def serve(ctx: WorkerContext) -> None:
 
 def _accept_loop(ctx, resources, handlers, listener: socket.socket, tls_on_connect: bool) -> None:
     server_socket = gevent.socket.socket(fileno=os.dup(listener.fileno()))
+    stats = ctx.stats
     try:
         while True:
             try:
@@ -50,6 +56,7 @@ def _accept_loop(ctx, resources, handlers, listener: socket.socket, tls_on_conne
                 ctx.logs.main(f"accept() failed: {exc}")
                 gevent.sleep(0.1)
                 continue
+            stats["connections_total"] += 1
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             handlers.spawn(SmtpConnection(resources, sock, peer, tls_on_connect).run)
     finally:
@@ -83,12 +90,28 @@ def build_resources(ctx: WorkerContext) -> ServerResources:
         proxy_timeout=config.proxy_protocol_timeout,
         receive_timeout=config.smtp_receive_timeout,
         banner=_banner(config, ctx.logs, lookups),
-        make_policy=build_policy_factory(config, ctx.shared, ctx.logs, lookups),
+        make_policy=build_policy_factory(config, ctx.shared, ctx.logs, lookups, observer=_verdict_counter(ctx.stats)),
         connection_gate=gate,
         tls_context=_tls_context(config),
         message_queued=_notifier(ctx),
         stats=ctx.stats,
     )
+
+
+def _verdict_counter(stats: dict) -> Callable[[str, Verdict, Decision], None]:
+    """Count each stage's verdict (`stats["acl"]["rcpt:deny"]`), and the
+    defers decided by a statement with a ratelimit condition."""
+    verdicts = stats.setdefault("acl", {})
+
+    def count(stage: str, verdict: Verdict, decision: Decision) -> None:
+        key = f"{stage}:{verdict.action}"
+        verdicts[key] = verdicts.get(key, 0) + 1
+        statement = decision.statement
+        if verdict.action == DEFER and statement is not None and \
+                any(item.name == "ratelimit" for item in statement.items):
+            stats["ratelimit_defers"] += 1
+
+    return count
 
 
 def _hosts_proxy(config) -> HostList | None:
