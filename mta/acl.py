@@ -509,10 +509,10 @@ class AclPolicy:
             verdict = self.fallback.check(stage, session)
         else:
             verdict, decision = self._run(stage, top, session)
-        if not verdict.accepted and stage in _LOGGED_STAGES:
-            self._log_refusal(stage, verdict, session)
         if self.services.observer is not None:
             self.services.observer(stage, verdict, decision)
+        if not verdict.accepted and stage in _LOGGED_STAGES:
+            self._log_refusal(stage, verdict, session)
         return verdict
 
     def _state(self, session) -> ConnectionState:
