@@ -19,7 +19,8 @@ test: .stamp-venv-test .stamp-user
 	$(PY) -m pytest -q tests
 
 bench: .stamp-venv-test .stamp-user
-	$(PY) bench/smtp_throughput.py
+	$(PIP) install -q -e '.[bench]'
+	$(PY) bench/smtp_throughput.py --through-haproxy --plot var/bench/throughput.png
 
 fuzz: .stamp-venv-test
 	$(PY) bench/proxy_parser.py --fuzz 1000000

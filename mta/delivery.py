@@ -223,17 +223,18 @@ class Deliverer:
     def _deliver_locked(self, message_id: str, forced: bool) -> str:
         try:
             envelope = self.spool.read_envelope(message_id)
+            self.spool.check_data(envelope)
         except SpoolError as exc:
             moved = self.spool.set_aside(message_id)
-            self.logs.panic(f"{message_id} unreadable envelope ({exc}): set aside {len(moved)} files")
+            self.logs.panic(f"{message_id} unusable spool files ({exc}): set aside {len(moved)} files "
+                            f"in {self.spool.corrupt}")
             return GONE
         journal = self.spool.read_journal(message_id)
         pending = list(dict.fromkeys(r for r in envelope.recipients if r not in journal))
         retry = self._read_retry(message_id)
         if pending and not forced and not is_due(retry, pending, self.clock()):
             return NOT_DUE
-        info = LogInfo(message_id, envelope.sender, envelope.size or self._data_size(message_id),
-                       envelope.received_time)
+        info = LogInfo(message_id, envelope.sender, envelope.size, envelope.received_time)
         run = _Run(envelope, info, pending, {r: retry[r] for r in pending if r in retry})
         if pending:
             self._attempt(run)
@@ -393,12 +394,6 @@ class Deliverer:
             os.unlink(self.spool.path(message_id, "R"))
         except FileNotFoundError:
             return
-
-    def _data_size(self, message_id: str) -> int:
-        try:
-            return self.spool.data_size(message_id)
-        except OSError:
-            return 0
 
     # ------------------------------------------------------------ helpers
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, TextIO
 
 from mta.acl import Decision
+from mta.config import Config
 from mta.dataread import DataDecoder
 from mta.expand import ExpansionError, compile_expansion
 from mta.lists import HostList
@@ -105,8 +106,9 @@ def describe_decision(stage: str, verdict: Verdict, decision: Decision) -> str:
     return f'>>> {stage} ACL "{decision.acl}": {verdict.action}{where}{because}'
 
 
-def run_host_check(config, store: Any, peer: Peer, stdin: BinaryIO, out: TextIO) -> None:
-    """Run one session from `stdin` to `out` until QUIT, a drop or end of input."""
+def run_host_check(config: Config, store: Any, peer: Peer, stdin: BinaryIO, out: TextIO) -> None:
+    """Run one session from `stdin` to `out` until QUIT, a drop or end of input.
+    `store` holds the ratelimit records (`OverlayRateStore`, or the table itself)."""
     logs = PrintingLogs(config.log_selector, out)
     lookups = LookupCache()
     info = _connection_info(config, peer, out)
@@ -122,7 +124,7 @@ def run_host_check(config, store: Any, peer: Peer, stdin: BinaryIO, out: TextIO)
     _HostCheck(config, session, logs, lookups, stdin, out).run()
 
 
-def _connection_info(config, peer: Peer, out: TextIO) -> ConnectionInfo:
+def _connection_info(config: Config, peer: Peer, out: TextIO) -> ConnectionInfo:
     """The connection as the server would see it after the PROXY header."""
     tcp_peer = peer.proxy or peer.client
     info = ConnectionInfo(tcp_peer, 0, *peer.interface)
@@ -150,7 +152,7 @@ def _say(out: TextIO, text: str) -> None:
 
 
 class _HostCheck:
-    def __init__(self, config, session: SmtpSession, logs: PrintingLogs, lookups: LookupCache,
+    def __init__(self, config: Config, session: SmtpSession, logs: PrintingLogs, lookups: LookupCache,
                  stdin: BinaryIO, out: TextIO) -> None:
         self.config = config
         self.session = session

@@ -216,7 +216,7 @@ def unpack_retry_state(data: bytes) -> dict[str, RecipientRetry]:
         rows = fields["recipients"]
         return {address: RecipientRetry(float(a), float(b), float(c), str(d))
                 for address, (a, b, c, d) in rows.items()}
-    except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException):
         return {}
 
 

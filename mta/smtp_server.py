@@ -70,11 +70,13 @@ class SmtpConnection:
         self.session: SmtpSession | None = None
         self.end_reason = "lost"
         self.skipping_long_line = False
+        self.timeout = resources.receive_timeout or None  # 0: no timeout, as in Exim
+        self.line_deadline: float | None = None
 
     # -- the connection's life -------------------------------------------------
 
     def run(self) -> None:
-        self.sock.settimeout(self.res.receive_timeout)
+        self.sock.settimeout(self.timeout)
         stats = self.res.stats
         stats["connections"] = stats.get("connections", 0) + 1
         try:
@@ -119,6 +121,7 @@ class SmtpConnection:
             self._refuse_connection(verdict)
             return
         self._send_now(f"220 {self.res.banner(self.session)}")
+        self._restart_line_clock()
         self._command_loop()
 
     def _read_proxy_header(self) -> None:
@@ -197,17 +200,35 @@ class SmtpConnection:
             return None
         line = bytes(self.buffer[:end]).rstrip(b"\r")
         del self.buffer[: end + 1]
+        self._restart_line_clock()
         if self.skipping_long_line:
             self.skipping_long_line = False
             return b"\xff" * (MAX_COMMAND_LINE + 1)
         return line
 
     def _fill(self) -> bool:
-        data = self.sock.recv(RECV_SIZE)
+        data = self._recv()
         if not data:
             return False
         self.buffer += data
         return True
+
+    def _restart_line_clock(self) -> None:
+        """smtp_receive_timeout bounds each line, command or data (Exim's
+        documentation says so): a client trickling a byte at a time cannot
+        hold a connection longer than that per line."""
+        self.line_deadline = time.monotonic() + self.timeout if self.timeout else None
+
+    def _recv(self) -> bytes:
+        if self.line_deadline is None:
+            return self.sock.recv(RECV_SIZE)
+        remaining = self.line_deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("line not complete within smtp_receive_timeout")
+        self.sock.settimeout(remaining)
+        data = self.sock.recv(RECV_SIZE)
+        self.sock.settimeout(self.timeout)  # sends get the whole timeout
+        return data
 
     def _flush(self) -> None:
         if self.replies:
@@ -231,36 +252,45 @@ class SmtpConnection:
         message = IncomingMessage(self.res.committer.spool, envelope.id)
         try:
             message.write(self._received_header(envelope))
-            oversize, header_id = self._read_data(message)
-            reply = self._finish_message(message, envelope, oversize, header_id)
+            oversize, spool_error, header_id = self._read_data(message)
+            if spool_error is not None:
+                message.discard()
+                reply = self._spool_failure(spool_error, envelope)
+            else:
+                reply = self._finish_message(message, envelope, oversize, header_id)
         except BaseException:
             message.discard()
             raise
         session.message_done()
         self.replies.append(reply)
 
-    def _read_data(self, message: IncomingMessage) -> tuple[bool, str]:
+    def _read_data(self, message: IncomingMessage) -> tuple[bool, OSError | None, str]:
+        """Read to the end of the data: (too big, spool write error, Message-ID).
+
+        Once the message is too big or the spool cannot take it, the rest
+        is read and dropped, so that the client hears the reply."""
         decoder = DataDecoder()
         limit = self.res.limits.message_size_limit
         oversize = False
+        spool_error = None
         header_id = None
         pending = bytes(self.buffer)
         self.buffer.clear()
         while True:
             decoded, after = decoder.feed(pending)
-            if header_id is None and decoded:
-                header_id = _message_id_header(decoded)
-            if not oversize:
+            if decoded:
+                self._restart_line_clock()
+                if header_id is None:
+                    header_id = _message_id_header(decoded)
+            if not oversize and spool_error is None:
                 if message.size + len(decoded) > limit + 4096:
                     oversize = True
                 else:
-                    message.write(decoded)
-                    if message.needs_spill:
-                        gevent.get_hub().threadpool.apply(message.spill)
+                    spool_error = _store(message, decoded)
             if decoder.done:
                 self.buffer += after
-                return oversize, header_id or ""
-            pending = self.sock.recv(RECV_SIZE)
+                return oversize, spool_error, header_id or ""
+            pending = self._recv()
             if not pending:
                 raise ConnectionResetError(errno.ECONNRESET, "connection lost during DATA")
 
@@ -348,7 +378,7 @@ class SmtpConnection:
         if context is None:
             raise ConnectionRefused()
         tls_sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-        tls_sock.settimeout(self.res.receive_timeout)
+        tls_sock.settimeout(self.timeout)
         tls_sock.do_handshake()
         self.sock = tls_sock
         cipher = tls_sock.cipher()
@@ -387,6 +417,20 @@ class SmtpConnection:
             return
         how = {"QUIT": "closed by QUIT", "lost": "lost"}.get(self.end_reason, f"closed ({self.end_reason})")
         self.res.logs.main(f"SMTP connection from {self._host()} {how}")
+
+
+def _store(message: IncomingMessage, decoded: bytes) -> OSError | None:
+    """Add to the message; a large one goes to disk as it arrives (in a
+    thread).  A spool that cannot take it (disk full) is returned, not raised."""
+    message.write(decoded)
+    if not message.needs_spill:
+        return None
+    try:
+        gevent.get_hub().threadpool.apply(message.spill)
+    except OSError as exc:
+        message.discard()
+        return exc
+    return None
 
 
 def _message_id_header(decoded: bytes) -> str | None:

@@ -63,9 +63,24 @@ class Envelope:
             raise SpoolError("envelope is not a version-1 msgpack map")
         known = {name: fields[name] for name in cls.__dataclass_fields__ if name in fields}
         try:
-            return cls(**known)
+            envelope = cls(**known)
         except TypeError as exc:
             raise SpoolError(f"envelope is incomplete: {exc}") from None
+        _check_field_types(envelope)
+        return envelope
+
+
+def _check_field_types(envelope: Envelope) -> None:
+    """What delivery relies on: a torn or foreign envelope fails here, not mid-delivery."""
+    recipients = envelope.recipients
+    if not (isinstance(recipients, list) and all(isinstance(r, str) for r in recipients)):
+        raise SpoolError("envelope recipients are not a list of strings")
+    if not isinstance(envelope.sender, str) or not isinstance(envelope.id, str):
+        raise SpoolError("envelope id or sender is not a string")
+    if not isinstance(envelope.size, int) or not isinstance(envelope.received_time, (int, float)):
+        raise SpoolError("envelope size or time is not a number")
+    if not isinstance(envelope.variables, dict):
+        raise SpoolError("envelope variables are not a map")
 
 
 class SpoolError(Exception):
@@ -122,6 +137,17 @@ class Spool:
 
     def data_size(self, message_id: str) -> int:
         return os.stat(self.path(message_id, "D")).st_size
+
+    def check_data(self, envelope: Envelope) -> None:
+        """The -D file is there and as long as the envelope says.  With
+        `spool_sync = syncfs` a crash before the batch's sync can leave an
+        envelope whose data is short; that message was never acknowledged."""
+        try:
+            size = self.data_size(envelope.id)
+        except OSError as exc:
+            raise SpoolError(f"data file unreadable: {exc.strerror}") from None
+        if size != envelope.size:
+            raise SpoolError(f"data file is {size} bytes, the envelope records {envelope.size} (torn by a crash?)")
 
     def remove_message(self, message_id: str) -> None:
         """Delete every file of a message, the envelope first (so a crash
@@ -200,11 +226,14 @@ def write_file_synced(path: str, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write everything.  The views are released even when a write fails
+    (disk full): a bytearray still exported could not be cleared after."""
+    with memoryview(data) as view:
+        written = 0
+        while written < len(view):
+            with view[written:] as rest:
+                written += os.write(fd, rest)
 
 
 class IncomingMessage:

@@ -251,7 +251,7 @@ def cmd_ratelimit_dump(args) -> int:
 
 def _host_check_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("ip", type=_ip_address, help="the client's address")
-    command.add_argument("--proxy", type=_ip_address, default="", metavar="PROXY_IP",
+    command.add_argument("--proxy", type=_ip_address, metavar="PROXY_IP",
                          help="the client comes through this proxy (PROXY protocol)")
     command.add_argument("--update-ratelimits", action="store_true",
                          help="write the ratelimit records (by default they are read, never written)")
@@ -275,7 +275,7 @@ def cmd_host_check(args) -> int:
     first = listen_addresses(config.local_interfaces, config.daemon_smtp_ports, config.tls_on_connect_ports)[0]
     store = _host_check_store(config, args.update_ratelimits)
     try:
-        run_host_check(config, store, Peer(args.ip, args.proxy, (first.address, first.port)),
+        run_host_check(config, store, Peer(args.ip, args.proxy or "", (first.address, first.port)),
                        sys.stdin.buffer, sys.stdout)
     finally:
         store.close()

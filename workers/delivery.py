@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import traceback
 
 import gevent
 import gevent.event
@@ -87,7 +88,11 @@ class QueueRunner:
     def _deliver(self, message_id: str, forced: bool) -> None:
         if message_id in self.deliverer.in_flight:
             return
-        self.deliverer.deliver(message_id, forced)
+        try:
+            self.deliverer.deliver(message_id, forced)
+        except Exception:  # noqa: BLE001 - a bug in one delivery is reported; the others go on
+            self.ctx.logs.panic(f"queue runner {self.ctx.index}: delivery of {message_id} crashed "
+                                f"(it stays in the spool):\n" + traceback.format_exc())
 
     def receive(self, inbox: socket.socket) -> None:
         while True:

@@ -31,11 +31,12 @@ from workers.listeners import ListenAddress, bind, listen_addresses
 from workers.metrics import add_counters
 from workers.notify import sd_notify
 from workers.process import EXIT_BOOT_ERROR, run_worker
-from workers.shared_setup import create_shared_state, prepare_directories, runtime_directory
+from workers.shared_setup import create_shared_state, prepare_directories, prepare_process, runtime_directory
 from workers.status_files import read_status
 
 TICK = 1.0
 MAX_BACKOFF = 30.0
+STATUS_MODE = 0o644         # the metrics worker (exim_user) reads it; the run folder keeps others out
 QUICK_DEATH = 10.0          # a worker dying sooner than this after start counts as a crash loop
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                    signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU)
@@ -91,6 +92,7 @@ class Master:
     # -- start ----------------------------------------------------------------
 
     def start(self) -> None:
+        prepare_process()
         prepare_directories(self.config)
         self._remove_orphans()
         self.shared = create_shared_state(self.config, self.logs)
@@ -303,6 +305,7 @@ class Master:
         last = read_status(worker.status_path)
         if last is not None:
             add_counters(self.retired, last.get("stats", {}))
+        self._write_status()  # the worker is counted as retired, no longer as live: now its file may go
         try:
             os.unlink(worker.status_path)
         except FileNotFoundError:
@@ -414,6 +417,7 @@ class Master:
         path = os.path.join(runtime_directory(self.config), "master.status")
         temporary = path + ".new"
         with open(temporary, "wb") as handle:
+            os.fchmod(handle.fileno(), STATUS_MODE)
             handle.write(msgpack.packb(record))
         os.replace(temporary, path)
 

@@ -75,8 +75,9 @@ def totals(master: dict, workers: list[tuple[dict, dict]]) -> dict:
 
 
 def render(master: dict, statuses: dict[int, dict], queue_size: int,
-           ratelimit_fill: tuple[int, int] | None) -> str:
-    """The whole exposition; `statuses` maps worker pid to its status record."""
+           ratelimit_fill: tuple[int, int] | None, socks_proxies: list[dict]) -> str:
+    """The whole exposition; `statuses` maps worker pid to its status record,
+    `socks_proxies` is the shared proxy pool's snapshot (shared.proxypool)."""
     workers = live_workers(master, statuses)
     counted = totals(master, workers)
     out = _Exposition()
@@ -90,7 +91,7 @@ def render(master: dict, statuses: dict[int, dict], queue_size: int,
                    [({"reason": reason}, value) for reason, value in sorted(counted["proxy_failure_reasons"].items())])
     _latency(out, counted.get("delivery_latency"))
     _gauges(out, master, workers, queue_size, ratelimit_fill)
-    _socks(out, workers)
+    _socks(out, socks_proxies)
     return out.text()
 
 
@@ -123,11 +124,7 @@ def _gauges(out: "_Exposition", master: dict, workers: list[tuple[dict, dict]], 
         out.metric("mta_ratelimit_slots", "gauge", "records the ratelimit table holds", [({}, ratelimit_fill[1])])
 
 
-def _socks(out: "_Exposition", workers: list[tuple[dict, dict]]) -> None:
-    """The proxy pool is shared memory: any runner's snapshot is the whole picture."""
-    rows: list[dict] = []
-    for worker, status in workers:
-        rows = status.get("stats", {}).get("socks_proxies") or rows
+def _socks(out: "_Exposition", rows: list[dict]) -> None:
     labelled = [({"proxy": f"{row.get('ip')}:{row.get('port')}"}, row) for row in rows]
     out.metric("mta_socks_dials_total", "counter", "connections attempted through each SOCKS5 proxy",
                [(labels, row.get("dials", 0)) for labels, row in labelled])

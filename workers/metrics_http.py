@@ -63,8 +63,15 @@ def scrape(ctx: WorkerContext) -> str:
     config = ctx.config
     ctx.stats["scrapes"] += 1
     master = status_files.master_status(config)
-    return render(master, status_files.worker_statuses(master), status_files.queue_size(config),
-                  status_files.ratelimit_fill(config))
+    statuses = status_files.worker_statuses(master)
+    if not all(statuses.values()):
+        # A worker that has just exited: the master rewrote its status (counting
+        # the worker as retired) before removing the worker's file.  (Or one
+        # that is starting, and is read once more for nothing.)
+        master = status_files.master_status(config)
+        statuses = status_files.worker_statuses(master)
+    return render(master, statuses, status_files.queue_size(config), status_files.ratelimit_fill(config),
+                  ctx.shared.proxypool.snapshot())
 
 
 def http_response(head: bytes, body_of: Callable[[], str]) -> bytes:

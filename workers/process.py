@@ -73,6 +73,7 @@ def drop_privileges(user: str) -> None:
     except KeyError:
         raise BootError(f'exim_user "{user}" does not exist') from None
     groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
+    prctl.capbset.limit()  # an empty bounding set: no capability can come back, even through exec
     os.setgroups(groups)
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import resource
 
 from mta.config import Config
 from mta.configfile import ConfigError
@@ -17,6 +18,23 @@ MAX_WORKER_SLOTS = 64          # live worker processes at once, old generations 
 KEYS_PER_SLOT = 4096           # distinct client/proxy addresses one worker tracks
 
 
+PRIVATE_UMASK = 0o027         # what we create is not for others (0640 files, 0750 folders at most)
+LOG_KINDS = ("main", "reject", "panic")
+
+
+def prepare_process() -> None:
+    """Limits the master sets for itself and every worker it forks.
+
+    Every connection is a descriptor: take the hard limit (a service
+    manager's soft default of 1024 is below smtp_accept_max's 1000 plus
+    spool and log files).  And nothing we create is readable by others.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.umask(PRIVATE_UMASK)
+
+
 def runtime_directory(config: Config) -> str:
     return os.path.join(config.spool_directory, "run")
 
@@ -29,22 +47,34 @@ def prepare_directories(config: Config) -> None:
     """Create the spool, log and run folders, owned by exim_user when root.
 
     Messages are readable by that user only (mode 0750 folders, 0600 files).
+    The log files are created here too, so that they belong to exim_user
+    rather than to the master that writes their first line.  A log folder
+    outside the spool that exists already may be shared (/var/log): it is
+    left as it is.
     """
-    Spool(config.spool_directory).create_directories()
-    folders = [
-        config.spool_directory, os.path.join(config.spool_directory, "input"),
-        os.path.join(config.spool_directory, "corrupt"), os.path.join(config.spool_directory, "db"),
-        runtime_directory(config), os.path.dirname(config.log_file_path),
-    ]
-    for folder in folders:
+    spool = config.spool_directory
+    Spool(spool).create_directories()
+    spool_folders = [spool, os.path.join(spool, "input"), os.path.join(spool, "corrupt"),
+                     os.path.join(spool, "db"), runtime_directory(config)]
+    log_files = [config.log_file_path.replace("%s", kind) for kind in LOG_KINDS]
+    log_folders = [folder for folder in dict.fromkeys(os.path.dirname(path) for path in log_files)
+                   if not os.path.isdir(folder) or os.path.commonpath([folder, spool]) == spool]
+    for folder in spool_folders + log_folders:
         os.makedirs(folder, mode=0o750, exist_ok=True)
     owner = _exim_ids(config)
     if owner is None:
         return
-    for folder in folders:
+    for folder in spool_folders:
         os.chown(folder, *owner)
         for name in os.listdir(folder):
-            os.chown(os.path.join(folder, name), *owner, follow_symlinks=False)
+            path = os.path.join(folder, name)
+            if path != config.pid_file_path:  # root signals the pid it names: exim_user must not own it
+                os.chown(path, *owner, follow_symlinks=False)
+    for folder in log_folders:
+        os.chown(folder, *owner)
+    for path in log_files:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+        os.chown(path, *owner, follow_symlinks=False)
 
 
 def _exim_ids(config: Config) -> tuple[int, int] | None:
