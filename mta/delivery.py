@@ -33,6 +33,7 @@ from typing import Callable
 
 import gevent
 
+from mta.histogram import Histogram
 from mta.bounce import BounceError, FailedRecipient, inject_bounce
 from mta.config import Config
 from mta.delivery_config import DeliveryConfig
@@ -186,6 +187,7 @@ class Deliverer:
         self.services = TransportServices(ConnectionCache(), HostRetryTable(), proxypool,
                                           delivery.retry_rules)
         self.counters: Counter[str] = Counter()
+        self.latency = Histogram()  # seconds from reception to delivery, per recipient
         self.in_flight: set[str] = set()
         self.on_new_message: Callable[[str], None] = lambda message_id: None
         self._resolvers: dict[tuple, Resolver] = {}
@@ -283,6 +285,7 @@ class Deliverer:
                                               self.logs.selector, now))
                 run.done.add(result.address.address)
                 run.retry.pop(result.address.address, None)
+                self.latency.observe(now - run.info.received_time)
             self.counters["delivered"] += len(delivered)
         for result in results:
             if result.status == FAILED:

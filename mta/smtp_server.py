@@ -23,6 +23,7 @@ from mta import proxy_reader
 from mta.dataread import DataDecoder
 from mta.log import Logs, host_field, tod_full
 from mta.policy import Policy, Verdict, refusal_reply
+from mta.proxy_failures import failure_kind
 from mta.proxy_protocol import ProxyProtocolError, read_header
 from mta.smtp_commands import MAX_COMMAND_LINE
 from mta.smtp_session import ConnectionInfo, Limits, SmtpSession
@@ -133,6 +134,9 @@ class SmtpConnection:
             proxy_reader.apply_header(info, header)
         except ProxyProtocolError as exc:
             proxy_reader.drop_failed_header(self.sock)
+            reasons = self.res.stats.setdefault("proxy_failure_reasons", {})
+            kind = failure_kind(exc.reason)
+            reasons[kind] = reasons.get(kind, 0) + 1
             self.info.proxy_failed = True
             self.res.stats["proxy_failures"] = self.res.stats.get("proxy_failures", 0) + 1
             if self.res.logs.selected("proxy_failure"):

@@ -140,6 +140,7 @@ class QueueRunner:
             "completed": counters["completed"],
             "idle_connections": len(self.deliverer.services.connections),
             "hosts_in_retry": len(self.deliverer.services.host_retry),
+            "delivery_latency": self.deliverer.latency.snapshot(),
         }
         pool = self.ctx.shared.proxypool
         if pool is not None:
