@@ -90,3 +90,41 @@ def test_master_stops_when_workers_cannot_start(mta, tmp_path):
     server.start(wait=False)
     assert server.process.wait(timeout=30) == 3
     assert "could not start" in server.log("panic")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")
+def test_local_delivery_works_after_dropping_root(tmp_path):
+    """The mailbox root is created for exim_user by the master (the workers
+    could not create it under a root-owned folder)."""
+    import shutil
+    import tempfile
+    from harness import MtaServer, base_config, free_port
+    from test_smtp_server import send_one
+    if "mta" not in [p.pw_name for p in pwd.getpwall()]:
+        pytest.skip("the system user mta is created by `make test`")
+    directory = tempfile.mkdtemp(prefix="mta-mailbox-")
+    os.chmod(directory, 0o755)
+    port = free_port()
+    delivery = f"""exim_user = mta
+begin routers
+local_user:
+  driver = accept
+  domains = +local_domains
+  transport = local_delivery
+begin transports
+local_delivery:
+  driver = appendfile
+  directory = {directory}/mail/$local_part
+  maildir_format
+"""
+    server = MtaServer(directory, port, base_config(directory, port, delivery, 1, 1))
+    try:
+        server.start()
+        assert send_one(server.port).startswith("250")
+        server.wait_for_log("Completed")
+        delivered = os.listdir(os.path.join(directory, "mail", "user", "new"))
+        assert len(delivered) == 1
+        assert os.stat(os.path.join(directory, "mail", "user", "new", delivered[0])).st_uid == pwd.getpwnam("mta").pw_uid
+    finally:
+        server.stop()
+        shutil.rmtree(directory)

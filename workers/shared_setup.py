@@ -75,6 +75,31 @@ def prepare_directories(config: Config) -> None:
     for path in log_files:
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
         os.chown(path, *owner, follow_symlinks=False)
+    for folder in mailbox_roots(config):
+        if not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o750)
+            os.chown(folder, *owner)
+
+
+def mailbox_roots(config: Config) -> list[str]:
+    """The fixed part of every appendfile `directory` (`../var/mail/` of
+    `../var/mail/$local_part`), which the workers, no longer root, could not
+    create themselves.  A folder that exists already is left as it is."""
+    roots = []
+    for transport in config.transports:
+        options = dict(_option(line.text) for line in transport.body)
+        directory = options.get("directory", "")
+        if options.get("driver") != "appendfile" or not directory:
+            continue
+        fixed = os.path.dirname(directory.split("$", 1)[0]) if "$" in directory else directory
+        if fixed:
+            roots.append(config.resolve_path(fixed))
+    return roots
+
+
+def _option(text: str) -> tuple[str, str]:
+    name, _, value = text.partition("=")
+    return name.strip(), value.strip()
 
 
 def _exim_ids(config: Config) -> tuple[int, int] | None:
