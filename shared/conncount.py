@@ -55,6 +55,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import gevent
 
+from shared.mmwrite import store
+
 T = TypeVar("T")
 
 _HEADER = struct.Struct("<IIqqII")  # version pid total overflow used capacity
@@ -78,6 +80,13 @@ def _process_gone(pid: int) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def _publish(mm: mmap.mmap, base: int, writing: int) -> None:
+    """End a write: the even version is stored last, on its own.  Stored
+    with the header (version is its first field), it would be seen before
+    the total that follows it, and a reader could take an old total."""
+    store(mm, base, _VERSION, (writing + 1) & _U32)
 
 
 class SlotStats(NamedTuple):
@@ -185,8 +194,7 @@ class SlotWriter(_SlotView):
     def claim(self) -> None:
         """Record this process as the slot's writer."""
         version, _, total, overflow, used, capacity = self._header()
-        _HEADER.pack_into(self._mm, self._base, version, os.getpid(), total,
-                          overflow, used, capacity)
+        store(self._mm, self._base, _HEADER, version, os.getpid(), total, overflow, used, capacity)
 
     def add(self, *keys: bytes | str) -> None:
         """Count one connection, identified by ``keys`` (each counted once)."""
@@ -200,14 +208,14 @@ class SlotWriter(_SlotView):
         digests = [key_digest(key) for key in keys]
         version, pid, total, overflow, used, capacity = self._header()
         writing = version | 1
-        _VERSION.pack_into(self._mm, self._base, writing)
+        store(self._mm, self._base, _VERSION, writing)
         total = max(0, total + delta)
         for digest in digests:
             overflow, used = self._bump(digest, delta, overflow, used)
         if used * 4 > capacity * 3:
             used = self._compact()
-        _HEADER.pack_into(self._mm, self._base, (writing + 1) & _U32, pid,
-                          total, overflow, used, capacity)
+        store(self._mm, self._base, _HEADER, writing, pid, total, overflow, used, capacity)
+        _publish(self._mm, self._base, writing)
 
     def _bump(self, digest: bytes, delta: int, overflow: int, used: int) -> tuple[int, int]:
         """Apply ``delta`` to one key; returns the new (overflow, used)."""
@@ -216,7 +224,7 @@ class SlotWriter(_SlotView):
             offset = self._entry_offset(index)
             count = _ENTRY.unpack_from(self._mm, offset)[1]
             if delta > 0 or count > 0:
-                _ENTRY.pack_into(self._mm, offset, digest, count + delta, 0)
+                store(self._mm, offset, _ENTRY, digest, count + delta, 0)
                 return overflow, used
         if delta < 0:
             return max(0, overflow - 1), used
@@ -224,7 +232,7 @@ class SlotWriter(_SlotView):
             return overflow + 1, used
         offset = self._entry_offset(reusable)
         was_empty = _ENTRY.unpack_from(self._mm, offset)[0] == _EMPTY
-        _ENTRY.pack_into(self._mm, offset, digest, 1, 0)
+        store(self._mm, offset, _ENTRY, digest, 1, 0)
         return overflow, used + was_empty
 
     def _compact(self) -> int:
@@ -238,7 +246,7 @@ class SlotWriter(_SlotView):
         self._mm[start:start + self._capacity * _ENTRY.size] = bytes(self._capacity * _ENTRY.size)
         for digest, count in live:
             _, free = self._probe(digest)
-            _ENTRY.pack_into(self._mm, self._entry_offset(free), digest, count, 0)
+            store(self._mm, self._entry_offset(free), _ENTRY, digest, count, 0)
         return len(live)
 
 
@@ -286,10 +294,10 @@ class ConnCounts:
         self._check_index(index)
         base = index * self._slot_size
         version = _HEADER.unpack_from(self._mm, base)[0] | 1
-        _HEADER.pack_into(self._mm, base, version, 0, 0, 0, 0, self.capacity)
+        store(self._mm, base, _HEADER, version, 0, 0, 0, 0, self.capacity)
         entries = base + _HEADER.size
         self._mm[entries:base + self._slot_size] = bytes(self._slot_size - _HEADER.size)
-        _HEADER.pack_into(self._mm, base, (version + 1) & _U32, 0, 0, 0, 0, self.capacity)
+        _publish(self._mm, base, version)
 
     def total(self) -> int:
         """Open connections over all workers.

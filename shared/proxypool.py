@@ -39,6 +39,7 @@ import zlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from shared.mmwrite import store
 from shared.socks5 import ProxySpec
 
 DEFAULT_BACKOFF = 30.0
@@ -270,9 +271,9 @@ class ProxyPool:
     def _write(self, offset: int, record: _Record) -> None:
         (seq,) = _SEQ.unpack_from(self._mm, offset)
         seq |= 1  # an odd seq left by a writer that died mid-write stays odd here
-        _SEQ.pack_into(self._mm, offset, seq)
-        _BODY.pack_into(self._mm, offset + _SEQ.size, *record)
-        _SEQ.pack_into(self._mm, offset, (seq + 1) & 0xFFFFFFFF)
+        store(self._mm, offset, _SEQ, seq)
+        store(self._mm, offset + _SEQ.size, _BODY, *record)
+        store(self._mm, offset, _SEQ, (seq + 1) & 0xFFFFFFFF)
 
 
 @dataclass

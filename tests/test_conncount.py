@@ -1,6 +1,7 @@
 """Shared connection counts: per-worker slots, readers in other processes,
 dead workers cleared by the master, overflow and compaction."""
 
+import collections
 import os
 import signal
 import struct
@@ -153,6 +154,34 @@ def test_reader_sees_consistent_counts_while_writer_churns():
     assert status == 0
     assert readings <= {5, 6} and len(readings) == 2
     assert counts.count("steady") == 5
+
+
+def test_total_never_reads_as_zero_while_a_writer_churns():
+    """Writes to the shared slot must never pass through zero bytes
+    (struct.pack_into clears its target first) nor publish the even version
+    before the total: either let a reader take a total of 0, and two workers
+    admit past smtp_accept_max."""
+    counts = ConnCounts.create(2, 8)
+    go_read, go_write = os.pipe()
+
+    def churner():
+        slot = counts.slot(1)
+        for _ in range(5):
+            slot.add("steady")
+        os.write(go_write, b"g")
+        for _ in range(100000):
+            slot.add("steady")
+            slot.remove("steady")
+
+    pid = _fork(churner)
+    os.read(go_read, 1)
+    readings = collections.Counter()
+    reaped, status = 0, 0
+    while not reaped:
+        readings[counts.total()] += 1
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+    assert status == 0
+    assert set(readings) <= {5, 6}, readings
 
 
 def _stuck_mid_update(counts, index, pid):

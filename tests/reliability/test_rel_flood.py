@@ -83,9 +83,9 @@ class Flood:
         """False once the connection is closed."""
         try:
             data = connection.sock.recv(4096)
-        except (ConnectionResetError, BlockingIOError) as exc:
-            if isinstance(exc, BlockingIOError):
-                return True
+        except BlockingIOError:
+            return True
+        except ConnectionResetError:
             data = b""
         if data and connection.first_reply is None:
             connection.first_reply = time.monotonic()
