@@ -90,6 +90,8 @@ def test_master_stops_when_workers_cannot_start(mta, tmp_path):
     server.start(wait=False)
     assert server.process.wait(timeout=30) == 3
     assert "could not start" in server.log("panic")
+    output = server.process.stdout.read().decode()
+    assert "stopped with status 3" in output and "cannot load tls_certificate" in output
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")

@@ -72,8 +72,21 @@ def cmd_start(args) -> int:
     if args.foreground:
         print(f"mta-server: starting in the foreground; main log {config.log_file_path.replace('%s', 'main')}",
               file=sys.stderr)
-        return run_master(args.config)
+        status = run_master(args.config)
+        if status:
+            panic = config.log_file_path.replace("%s", "panic")
+            print(f"mta-server: stopped with status {status}; the reason is in {panic}:", file=sys.stderr)
+            print(_tail(panic), file=sys.stderr)
+        return status
     return _start_detached(args.config, config)
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return "".join(handle.readlines()[-lines:]).rstrip()
+    except OSError as exc:
+        return f"(cannot read it: {exc.strerror})"
 
 
 def _start_detached(config_path: str, config: Config) -> int:
@@ -110,14 +123,22 @@ def _redirect_stdio() -> None:
 
 
 def _master_pid(config: Config) -> int | None:
+    """The live master named by the pid file, or None.
+
+    The spool belongs to exim_user, so a compromised worker could write a
+    pid file of its own: believe only one owned by us (the master's user)
+    naming a process whose command line is an mta-server start.
+    """
     try:
         with open(config.pid_file_path) as handle:
+            if os.fstat(handle.fileno()).st_uid != os.geteuid():
+                return None
             pid = int(handle.read().strip() or 0)
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().split(b"\x00")
     except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if b"start" not in command or not any(b"workers.cli" in part or b"mta-server" in part for part in command):
         return None
     return pid
 
