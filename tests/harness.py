@@ -163,6 +163,22 @@ class MtaServer:
             self.process.wait()
 
 
+LOCAL_DELIVERY = """
+begin routers
+local_user:
+  driver = accept
+  domains = +local_domains
+  transport = local_delivery
+
+begin transports
+local_delivery:
+  driver = appendfile
+  directory = mail/$local_part
+  maildir_format
+"""
+"""Routers and transports for maildir delivery under the config's folder."""
+
+
 def base_config(directory: str, port: int, extra: str = "", workers: int = 2, runners: int = 0,
                 log_selector: str = "+smtp_connection") -> str:
     return f"""

@@ -5,6 +5,7 @@ import email.policy
 from delivery_support import make_deliverer, spool_message
 from mta.bounce import FailedRecipient, build_dsn, header_block, inject_bounce
 from mta.spool import Envelope, Spool
+from harness import LOCAL_DELIVERY
 
 ORIGINAL = Envelope(id="1xWA00-000000000001-0000", sender="alice@example.org",
                     recipients=["bad@example.net", "worse@example.net"], received_time=1_700_000_000.0)
@@ -71,18 +72,7 @@ def test_inject_bounce_spools_a_null_sender_message(tmp_path):
 
 
 def test_no_bounce_for_a_bounce(tmp_path):
-    deliverer, spool, logs = make_deliverer(tmp_path, """
-begin routers
-local_user:
-  driver = accept
-  domains = +local_domains
-  transport = local_delivery
-begin transports
-local_delivery:
-  driver = appendfile
-  directory = mail/$local_part
-  maildir_format
-""")
+    deliverer, spool, logs = make_deliverer(tmp_path, LOCAL_DELIVERY)
     queued = []
     deliverer.on_new_message = queued.append
     message_id = spool_message(spool, "", ["ghost@nowhere.example"])

@@ -3,20 +3,9 @@ import os
 
 from delivery_support import log_lines, main_log, make_deliverer, spool_message
 from mta.delivery import COMPLETED, DEFERRED_MESSAGE
+from harness import LOCAL_DELIVERY
 
-CONFIG = """
-begin routers
-local_user:
-  driver = accept
-  domains = +local_domains
-  transport = local_delivery
-
-begin transports
-local_delivery:
-  driver = appendfile
-  directory = mail/$local_part
-  maildir_format
-  return_path_add
+CONFIG = LOCAL_DELIVERY + """  return_path_add
   envelope_to_add
   delivery_date_add
 """

@@ -10,22 +10,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from harness import find_program
+from harness import LOCAL_DELIVERY as DELIVERY_SECTIONS, find_program
 
-LOCAL_DELIVERY = """
-queue_run_interval = 1s
-begin routers
-local_user:
-  driver = accept
-  domains = +local_domains
-  transport = local_delivery
-
-begin transports
-local_delivery:
-  driver = appendfile
-  directory = mail/$local_part
-  maildir_format
-"""
+LOCAL_DELIVERY = "queue_run_interval = 1s\n" + DELIVERY_SECTIONS
 
 ACKED = re.compile(r"<<< 250 OK id=(\S+)")
 RECEIVED_ID = re.compile(rb"\tid (\S+?)(?:;|\r?\n)")
