@@ -268,3 +268,24 @@ def main_log(logs) -> str:
 def log_lines(logs, message_id: str) -> list[str]:
     """Main log lines about message_id, without the timestamp."""
     return [line[20:] for line in main_log(logs).splitlines() if message_id in line]
+
+
+def smarthost_config(hosts: str, transport_options: str = "", retry: str = "* * F,1h,10m") -> str:
+    """A manualroute smart host and its smtp transport, for delivery tests."""
+    return f"""
+begin routers
+smarthost:
+  driver = manualroute
+  route_list = * {hosts}
+  transport = remote_smtp
+
+begin transports
+remote_smtp:
+  driver = smtp
+  command_timeout = 5s
+  connect_timeout = 5s
+{transport_options}
+
+begin retry
+{retry}
+"""

@@ -12,31 +12,11 @@ from pathlib import Path
 import gevent
 import pytest
 
-from delivery_support import SmtpRecorder, log_lines, main_log, make_deliverer, spool_message
+from delivery_support import SmtpRecorder, log_lines, main_log, make_deliverer, smarthost_config, spool_message
 from dns_server import DnsServer
 from mta.delivery import COMPLETED, DEFERRED_MESSAGE, NOT_DUE
 from mta.retry import unpack_retry_state
 from socks_servers import closed_port, free_port
-
-
-def smarthost_config(hosts: str, transport_options: str = "", retry: str = "* * F,1h,10m") -> str:
-    return f"""
-begin routers
-smarthost:
-  driver = manualroute
-  route_list = * {hosts}
-  transport = remote_smtp
-
-begin transports
-remote_smtp:
-  driver = smtp
-  command_timeout = 5s
-  connect_timeout = 5s
-{transport_options}
-
-begin retry
-{retry}
-"""
 
 
 @pytest.fixture

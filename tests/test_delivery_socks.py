@@ -6,7 +6,7 @@ import time
 import gevent
 import pytest
 
-from delivery_support import SmtpRecorder, log_lines, main_log, make_deliverer, spool_message
+from delivery_support import SmtpRecorder, log_lines, main_log, make_deliverer, smarthost_config, spool_message
 from mta.delivery import COMPLETED, DEFERRED_MESSAGE
 from shared.proxypool import ProxyPool
 from socks_servers import (
@@ -37,22 +37,7 @@ def recorder():
 
 
 def config(hosts: str, socks_proxy: str, options: str = "") -> str:
-    return f"""
-begin routers
-smarthost:
-  driver = manualroute
-  route_list = * {hosts}
-  transport = remote_smtp
-begin transports
-remote_smtp:
-  driver = smtp
-  command_timeout = 5s
-  connect_timeout = 5s
-  socks_proxy = {socks_proxy}
-{options}
-begin retry
-* * F,1h,1m
-"""
+    return smarthost_config(hosts, f"  socks_proxy = {socks_proxy}\n{options}", retry="* * F,1h,1m")
 
 
 def deliver_once(tmp_path, recorder, socks_proxy, selector="+proxy", options="", pool=None):

@@ -5,7 +5,7 @@ import pytest
 import trustme
 from gevent import ssl as gevent_ssl
 
-from delivery_support import SmtpRecorder, log_lines, main_log, make_deliverer, spool_message
+from delivery_support import SmtpRecorder, log_lines, main_log, make_deliverer, smarthost_config, spool_message
 from mta.delivery import COMPLETED, DEFERRED_MESSAGE
 
 
@@ -30,20 +30,7 @@ def recorder(ca):
 
 
 def config(port: int, options: str = "") -> str:
-    return f"""
-begin routers
-smarthost:
-  driver = manualroute
-  route_list = * 127.0.0.1::{port}
-  transport = remote_smtp
-begin transports
-remote_smtp:
-  driver = smtp
-  command_timeout = 5s
-{options}
-begin retry
-* * F,1h,10m
-"""
+    return smarthost_config(f"127.0.0.1::{port}", options)
 
 
 def test_starttls_is_used_when_offered_without_verification(tmp_path, recorder):

@@ -100,25 +100,14 @@ def test_local_delivery_works_after_dropping_root(tmp_path):
     could not create it under a root-owned folder)."""
     import shutil
     import tempfile
-    from harness import MtaServer, base_config, free_port
+    from harness import LOCAL_DELIVERY, MtaServer, base_config, free_port
     from test_smtp_server import send_one
     if "mta" not in [p.pw_name for p in pwd.getpwall()]:
         pytest.skip("the system user mta is created by `make test`")
     directory = tempfile.mkdtemp(prefix="mta-mailbox-")
     os.chmod(directory, 0o755)
     port = free_port()
-    delivery = f"""exim_user = mta
-begin routers
-local_user:
-  driver = accept
-  domains = +local_domains
-  transport = local_delivery
-begin transports
-local_delivery:
-  driver = appendfile
-  directory = {directory}/mail/$local_part
-  maildir_format
-"""
+    delivery = "exim_user = mta\n" + LOCAL_DELIVERY  # mail/ is under the config's folder
     server = MtaServer(directory, port, base_config(directory, port, delivery, 1, 1))
     try:
         server.start()
