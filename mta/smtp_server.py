@@ -21,6 +21,7 @@ import gevent
 
 from mta import proxy_reader
 from mta.dataread import DataDecoder
+from mta.deadline import Deadline
 from mta.log import Logs, host_field, tod_full
 from mta.policy import Policy, Verdict, refusal_reply
 from mta.proxy_failures import failure_kind
@@ -33,6 +34,7 @@ from mta.connection_gate import ConnectionGate, LimitReached
 from mta.message_id import MessageIdSource
 
 RECV_SIZE = 65536
+FAREWELL_TIMEOUT = 10.0  # seconds for the 421 sent when a client has timed out
 MESSAGE_ID_HEADER = re.compile(rb"(?im)^message-id:[ \t]*(.*?)\r?$")
 
 
@@ -72,12 +74,13 @@ class SmtpConnection:
         self.end_reason = "lost"
         self.skipping_long_line = False
         self.timeout = resources.receive_timeout or None  # 0: no timeout, as in Exim
-        self.line_deadline: float | None = None
+        self.deadline: Deadline | None = None
+        self.tls_handshaking = False
 
     # -- the connection's life -------------------------------------------------
 
     def run(self) -> None:
-        self.sock.settimeout(self.timeout)
+        self.deadline = Deadline(self.timeout)
         stats = self.res.stats
         stats["connections"] = stats.get("connections", 0) + 1
         try:
@@ -92,6 +95,7 @@ class SmtpConnection:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, None):
                 raise
         finally:
+            self.deadline.cancel()
             stats["connections"] -= 1
             self.res.connection_gate.leave(id(self))
             self._log_close()
@@ -157,11 +161,15 @@ class SmtpConnection:
 
     def _timeout(self) -> None:
         hostname = self.res.limits.hostname
-        try:
-            self._send_now(f"421 {hostname} SMTP incoming data timeout - closing connection.")
-        except OSError:
-            pass  # the client is gone as well; the log line below says what happened
-        self.res.logs.main(f"SMTP command timeout on connection from {self._host()}")
+        mid_handshake = self.tls_handshaking
+        if not mid_handshake:  # a reply there would wait for the handshake first
+            self.sock.settimeout(FAREWELL_TIMEOUT)  # the deadline has fired: this send is bounded on its own
+            try:
+                self._send_now(f"421 {hostname} SMTP incoming data timeout - closing connection.")
+            except OSError:
+                pass  # the client is gone as well; the log line below says what happened
+        what = "TLS negotiation" if mid_handshake else "SMTP command"
+        self.res.logs.main(f"{what} timeout on connection from {self._host()}")
         self.end_reason = "timeout"
 
     # -- commands --------------------------------------------------------------
@@ -221,23 +229,16 @@ class SmtpConnection:
         """smtp_receive_timeout bounds each line, command or data (Exim's
         documentation says so): a client trickling a byte at a time cannot
         hold a connection longer than that per line."""
-        self.line_deadline = time.monotonic() + self.timeout if self.timeout else None
+        self.deadline.restart()
 
     def _recv(self) -> bytes:
-        if self.line_deadline is None:
-            return self.sock.recv(RECV_SIZE)
-        remaining = self.line_deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("line not complete within smtp_receive_timeout")
-        self.sock.settimeout(remaining)
-        data = self.sock.recv(RECV_SIZE)
-        self.sock.settimeout(self.timeout)  # sends get the whole timeout
-        return data
+        return self.sock.recv(RECV_SIZE)
 
     def _flush(self) -> None:
         if self.replies:
             payload = ("\r\n".join(self.replies) + "\r\n").encode("utf-8", "replace")
             self.replies.clear()
+            self.deadline.restart()  # a reply gets the whole timeout to leave
             # One send() nearly always takes a reply whole; gevent's sendall
             # would first ask the kernel for the buffer size, every time.
             sent = self.sock.send(payload)
@@ -382,9 +383,11 @@ class SmtpConnection:
         if context is None:
             raise ConnectionRefused()
         tls_sock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-        tls_sock.settimeout(self.timeout)
+        self.sock = tls_sock  # it owns the descriptor now: a failed handshake closes this one
+        self._restart_line_clock()  # the handshake is bounded like a line
+        self.tls_handshaking = True
         tls_sock.do_handshake()
-        self.sock = tls_sock
+        self.tls_handshaking = False
         cipher = tls_sock.cipher()
         version = tls_sock.version() or ""
         cipher_text = f"{version}:{cipher[0]}:{cipher[2]}" if cipher else version

@@ -263,6 +263,11 @@ class ConnCounts:
         self._reading = (read_timeout, sleep)
         self._views = [_SlotView(mm, i * self._slot_size, capacity, *self._reading)
                        for i in range(n_slots)]
+        # Every slot's version and total in one unpack, every version again
+        # in a second: pad bytes skip the rest of each slot.
+        skip = self._slot_size - _VERSION_AND_TOTAL.size
+        self._all_totals = struct.Struct("<" + f"I4xq{skip}x" * (n_slots - 1) + "I4xq")
+        self._all_versions = struct.Struct("<" + f"I{self._slot_size - _VERSION.size}x" * (n_slots - 1) + "I")
 
     @classmethod
     def create(cls, n_slots: int, keys_per_slot: int, *, read_timeout: float = 0.5,
@@ -302,15 +307,19 @@ class ConnCounts:
     def total(self) -> int:
         """Open connections over all workers.
 
-        On every connection's path, over every slot, so the seqlock read is
-        inlined: one unpack for version and total, one to re-check the
-        version; a slot caught mid-write is read again the slow way.
+        On every connection's path, over every slot, so the seqlock read
+        is done for all slots at once: one unpack of every (version, total),
+        one of every version again; when some slot was caught mid-write
+        (a version odd or changed), that slot is read again the slow way.
         """
-        read, version, mm = _VERSION_AND_TOTAL.unpack_from, _VERSION.unpack_from, self._mm
+        pairs = self._all_totals.unpack_from(self._mm)
+        versions = self._all_versions.unpack_from(self._mm)
+        if pairs[0::2] == versions and not any(map((1).__and__, versions)):
+            return sum(pairs[1::2])
         total = 0
-        for view in self._views:
-            before, count = read(mm, view._base)
-            if before & 1 or version(mm, view._base)[0] != before:
+        for index, view in enumerate(self._views):
+            before, count = pairs[2 * index], pairs[2 * index + 1]
+            if before & 1 or versions[index] != before:
                 count = view.total()
             total += count
         return total

@@ -182,6 +182,22 @@ def test_idle_client_times_out(mta):
     assert client.closed()
 
 
+def test_the_timeout_is_per_line_a_busy_client_outlives_it_a_trickling_one_does_not(mta):
+    server = mta("smtp_receive_timeout = 1s", workers=1)
+    busy, trickling = Client(server.port), Client(server.port)
+    busy.reply()
+    trickling.reply()
+    started = time.time()
+    with pytest.raises(OSError):  # the server closes; a later byte meets a reset
+        for byte in b"NOOP NOOP NOOP NOOP\r\n":  # 0.3 s a byte: no line within 1 s
+            trickling.send(bytes([byte]))
+            time.sleep(0.3)
+            assert busy.command("NOOP").startswith("250")  # a line every 0.3 s keeps it alive
+    assert time.time() - started < 3
+    server.wait_for_log("SMTP command timeout")
+    assert busy.command("QUIT").startswith("221")
+
+
 def test_disconnect_mid_data_leaves_nothing(mta):
     server = mta()
     client = in_data(server.port)
@@ -227,6 +243,24 @@ def test_tls_on_connect(mta, certificates):
         smtp.ehlo("c.example")
         smtp.sendmail("a@example.org", ["u@localhost"], MESSAGE)
     assert len(server.spooled_ids()) == 1
+
+
+def test_a_silent_tls_on_connect_client_times_out_without_stalling_others(mta, certificates):
+    cert, key, _ = certificates
+    from harness import free_port
+    tls_port = free_port()
+    server = mta(f"smtp_receive_timeout = 2s\ntls_certificate = {cert}\ntls_privatekey = {key}\n"
+                 f"tls_on_connect_ports = {tls_port}", workers=1)
+    silent = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+    started = time.time()
+    time.sleep(0.2)
+    other = Client(server.port)  # the same worker serves it while the handshake waits
+    assert other.reply().startswith("220")
+    assert other.command("QUIT").startswith("221")
+    assert time.time() - started < 1.5
+    assert silent.recv(100) == b""  # no ClientHello: the handshake is bounded like a line
+    assert 1.5 < time.time() - started < 6
+    server.wait_for_log("TLS negotiation timeout on connection from [127.0.0.1]")
 
 
 def test_killed_worker_mid_data_leaves_nothing_visible_and_others_serve(mta):

@@ -9,6 +9,7 @@ from typing import Callable
 
 import gevent
 import gevent.pool
+import gevent.ssl
 import gevent.socket
 import msgpack
 
@@ -142,7 +143,10 @@ def _banner(config, logs, lookups):
 def _tls_context(config) -> ssl.SSLContext | None:
     if not config.tls_certificate:
         return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # gevent's SSLContext: its sockets wait cooperatively.  The stdlib's
+    # would make the accepted socket blocking, and one client slow to
+    # finish its handshake would stall every session of the worker.
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(config.tls_certificate, config.tls_privatekey)
     except (OSError, ssl.SSLError) as exc:
