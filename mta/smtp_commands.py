@@ -14,6 +14,7 @@ VERBS = frozenset(
 
 # A conservative mailbox: anything printable but <, >, space, inside the angle brackets.
 _PATH = re.compile(r"<([^<>\s]*)>")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([!-<>-~]+))?")
 
 
@@ -66,7 +67,7 @@ def parse_path(argument: str, keyword: str) -> tuple[str, dict[str, str | None]]
 
 
 def _check_address(address: str) -> None:
-    if any(ord(ch) < 32 or ch == "\x7f" for ch in address):
+    if _CONTROL.search(address):
         raise SmtpSyntaxError("501 5.1.7 malformed address: control character")
     if len(address) > 256:
         raise SmtpSyntaxError("501 5.1.7 address too long")
