@@ -119,3 +119,31 @@ def test_local_delivery_works_after_dropping_root(tmp_path):
     finally:
         server.stop()
         shutil.rmtree(directory)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")
+def test_logs_rotated_away_are_recreated_for_exim_user_on_reload(tmp_path):
+    """logrotate renames mainlog, then `mta-server reload`: the new mainlog
+    belongs to exim_user, and the new workers' lines reach it."""
+    import shutil
+    import tempfile
+    from harness import MtaServer, base_config, free_port
+    from test_operations import reload_and_settle
+    from test_smtp_server import send_one
+    if "mta" not in [p.pw_name for p in pwd.getpwall()]:
+        pytest.skip("the system user mta is created by `make test`")
+    directory = tempfile.mkdtemp(prefix="mta-rotate-")
+    os.chmod(directory, 0o755)
+    port = free_port()
+    server = MtaServer(directory, port, base_config(directory, port, "exim_user = mta", 1, 0))
+    try:
+        server.start()
+        main_log = os.path.join(server.spool, "log", "mainlog")
+        os.rename(main_log, main_log + ".1")
+        reload_and_settle(server, 2)
+        assert os.stat(main_log).st_uid == pwd.getpwnam("mta").pw_uid
+        assert send_one(server.port).startswith("250")
+        server.wait_for_log(" <= ")
+    finally:
+        server.stop()
+        shutil.rmtree(directory)

@@ -31,7 +31,8 @@ from workers.listeners import ListenAddress, bind, listen_addresses
 from workers.metrics import add_counters
 from workers.notify import sd_notify
 from workers.process import EXIT_BOOT_ERROR, run_worker
-from workers.shared_setup import create_shared_state, prepare_directories, prepare_process, runtime_directory
+from workers.shared_setup import (create_shared_state, prepare_directories, prepare_log_files, prepare_process,
+                                  runtime_directory)
 from workers.status_files import read_status
 
 TICK = 1.0
@@ -362,6 +363,10 @@ class Master:
             self.config = old_config
             self.logs.panic(f"reload failed, still running the previous configuration: {exc}")
             return
+        try:
+            prepare_log_files(config)  # a log rotated away is recreated for exim_user, not as root
+        except OSError as exc:
+            self.logs.panic(f"reload: cannot create the log files: {exc}")
         self.logs = Logs(config.log_file_path, config.log_selector)
         self.generation += 1
         self.logs.main(f"configuration reloaded from {config.path} (generation {self.generation})")

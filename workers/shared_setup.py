@@ -56,11 +56,9 @@ def prepare_directories(config: Config) -> None:
     Spool(spool).create_directories()
     spool_folders = [spool, os.path.join(spool, "input"), os.path.join(spool, "corrupt"),
                      os.path.join(spool, "db"), runtime_directory(config)]
-    log_files = [config.log_file_path.replace("%s", kind) for kind in LOG_KINDS]
-    log_folders = [folder for folder in dict.fromkeys(os.path.dirname(path) for path in log_files)
-                   if not os.path.isdir(folder) or os.path.commonpath([folder, spool]) == spool]
-    for folder in spool_folders + log_folders:
+    for folder in spool_folders:
         os.makedirs(folder, mode=0o750, exist_ok=True)
+    prepare_log_files(config)
     owner = _exim_ids(config)
     if owner is None:
         return
@@ -70,14 +68,30 @@ def prepare_directories(config: Config) -> None:
             path = os.path.join(folder, name)
             if path != config.pid_file_path:  # root signals the pid it names: exim_user must not own it
                 os.chown(path, *owner, follow_symlinks=False)
-    for folder in log_folders:
-        os.chown(folder, *owner)
-    for path in log_files:
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
-        os.chown(path, *owner, follow_symlinks=False)
     for folder in mailbox_roots(config):
         if not os.path.isdir(folder):
             os.makedirs(folder, mode=0o750)
+            os.chown(folder, *owner)
+
+
+def prepare_log_files(config: Config) -> None:
+    """Create the log files (and their folders), owned by exim_user when
+    root: at start, and again at each reload, when a log rotated away
+    would otherwise be recreated by the master, as root, and the workers
+    could no longer write to it."""
+    spool = config.spool_directory
+    log_files = [config.log_file_path.replace("%s", kind) for kind in LOG_KINDS]
+    log_folders = [folder for folder in dict.fromkeys(os.path.dirname(path) for path in log_files)
+                   if not os.path.isdir(folder) or os.path.commonpath([folder, spool]) == spool]
+    for folder in log_folders:
+        os.makedirs(folder, mode=0o750, exist_ok=True)
+    owner = _exim_ids(config)
+    for path in log_files:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+        if owner is not None:
+            os.chown(path, *owner, follow_symlinks=False)
+    if owner is not None:
+        for folder in log_folders:
             os.chown(folder, *owner)
 
 
