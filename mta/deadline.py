@@ -24,7 +24,7 @@ class Deadline:
         """`seconds` None or 0: no deadline.  `greenlet`: the one to
         interrupt (default: the caller's)."""
         self.seconds = seconds or None
-        self.expires = 0.0
+        self.expires: float | None = 0.0
         self._greenlet = greenlet or gevent.getcurrent()
         self._timer = None
 
@@ -35,6 +35,12 @@ class Deadline:
         self.expires = time.monotonic() + self.seconds
         if self._timer is None:
             self._arm(self.seconds)
+
+    def hold(self) -> None:
+        """No interruption until the next `restart`: for waits on our own
+        side (a commit), where giving up would leave the client unanswered
+        about a message that may still reach the spool."""
+        self.expires = None
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -49,6 +55,9 @@ class Deadline:
     def _fire(self) -> None:
         """In the hub: re-arm if the deadline moved, else interrupt."""
         self.cancel()
+        if self.expires is None:  # held
+            self._arm(self.seconds)
+            return
         remaining = self.expires - time.monotonic()
         if remaining > 0:
             self._arm(remaining)

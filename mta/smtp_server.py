@@ -318,6 +318,7 @@ class SmtpConnection:
         envelope.variables = dict(session.transaction.variables)
         try:
             message.finish(envelope)
+            self.deadline.hold()  # until the reply: a slow disk must not turn a stored message into a 421
             self.res.committer.commit(message)
         except OSError as exc:
             message.discard()
