@@ -162,8 +162,9 @@ class SmtpConnection:
     def _timeout(self) -> None:
         hostname = self.res.limits.hostname
         mid_handshake = self.tls_handshaking
+        self.deadline = Deadline(None)  # it has fired: the farewell below is bounded by the socket timeout alone
         if not mid_handshake:  # a reply there would wait for the handshake first
-            self.sock.settimeout(FAREWELL_TIMEOUT)  # the deadline has fired: this send is bounded on its own
+            self.sock.settimeout(FAREWELL_TIMEOUT)
             try:
                 self._send_now(f"421 {hostname} SMTP incoming data timeout - closing connection.")
             except OSError:
