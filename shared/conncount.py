@@ -12,9 +12,11 @@ calls :meth:`ConnCounts.clear_slot` when it reaps it, before giving the slot
 to a new worker (size ``n_slots`` for both generations of a reload).
 Readers in any process sum over the slots.
 
-Each slot: ``version u32 | writer pid u32 | total i64 | overflow i64 | used u32 |
-capacity u32`` then ``capacity`` entries of ``digest[16] | count i32 |
-pad``.  A key is represented by its 16-byte BLAKE2b digest (never all
+Each slot: a header ``version u32 | writer pid u32 | total i64 | overflow i64 |
+used u32 | capacity u32`` and ``capacity`` entries of ``digest[16] | count
+i32 | pad``.  The region holds every slot's header first, side by side (the
+total over all slots, read on every connection, touches one page), then
+every slot's entries.  A key is represented by its 16-byte BLAKE2b digest (never all
 zero: the low bit of the first byte is forced on).  Entries whose count
 drops to zero stay as tombstones until the slot is compacted (when used
 entries pass 3/4 of the capacity).
@@ -115,17 +117,18 @@ def _capacity_for(keys_per_slot: int) -> int:
 class _SlotView:
     """Reading one slot of the region (any process)."""
 
-    def __init__(self, mm: mmap.mmap, base: int, capacity: int,
+    def __init__(self, mm: mmap.mmap, base: int, entries: int, capacity: int,
                  read_timeout: float, sleep: Callable[[float], Any]) -> None:
         self._mm = mm
-        self._base = base
+        self._base = base          # the slot's header
+        self._entries = entries    # its first entry
         self._capacity = capacity
         self._mask = capacity - 1
         self._read_timeout = read_timeout
         self._sleep = sleep
 
     def _entry_offset(self, index: int) -> int:
-        return self._base + _HEADER.size + index * _ENTRY.size
+        return self._entries + index * _ENTRY.size
 
     def _header(self) -> tuple[int, int, int, int, int, int]:
         return _HEADER.unpack_from(self._mm, self._base)
@@ -259,15 +262,19 @@ class ConnCounts:
         self._mm = mm
         self.n_slots = n_slots
         self.capacity = capacity
-        self._slot_size = _HEADER.size + capacity * _ENTRY.size
+        self._entries_size = capacity * _ENTRY.size
         self._reading = (read_timeout, sleep)
-        self._views = [_SlotView(mm, i * self._slot_size, capacity, *self._reading)
-                       for i in range(n_slots)]
-        # Every slot's version and total in one unpack, every version again
-        # in a second: pad bytes skip the rest of each slot.
-        skip = self._slot_size - _VERSION_AND_TOTAL.size
-        self._all_totals = struct.Struct("<" + f"I4xq{skip}x" * (n_slots - 1) + "I4xq")
-        self._all_versions = struct.Struct("<" + f"I{self._slot_size - _VERSION.size}x" * (n_slots - 1) + "I")
+        self._views = [_SlotView(mm, *self._offsets(i), capacity, *self._reading) for i in range(n_slots)]
+        # Every slot's version and total in one unpack of the header table,
+        # every version again in a second: pad bytes skip the other fields.
+        skip = _HEADER.size - _VERSION_AND_TOTAL.size
+        self._all_totals = struct.Struct("<" + f"I4xq{skip}x" * n_slots)
+        self._all_versions = struct.Struct("<" + f"I{_HEADER.size - _VERSION.size}x" * n_slots)
+
+    def _offsets(self, index: int) -> tuple[int, int]:
+        """(header, first entry) of slot ``index``: the headers come first,
+        side by side, so that `total` reads one page rather than one per slot."""
+        return index * _HEADER.size, self.n_slots * _HEADER.size + index * self._entries_size
 
     @classmethod
     def create(cls, n_slots: int, keys_per_slot: int, *, read_timeout: float = 0.5,
@@ -280,28 +287,26 @@ class ConnCounts:
         if n_slots < 1 or keys_per_slot < 1:
             raise ValueError("n_slots and keys_per_slot must be positive")
         capacity = _capacity_for(keys_per_slot)
-        slot_size = _HEADER.size + capacity * _ENTRY.size
-        mm = mmap.mmap(-1, n_slots * slot_size, mmap.MAP_SHARED)
+        mm = mmap.mmap(-1, n_slots * (_HEADER.size + capacity * _ENTRY.size), mmap.MAP_SHARED)
         for index in range(n_slots):
-            _HEADER.pack_into(mm, index * slot_size, 0, 0, 0, 0, 0, capacity)
+            _HEADER.pack_into(mm, index * _HEADER.size, 0, 0, 0, 0, 0, capacity)
         return cls(mm, n_slots, capacity, read_timeout, sleep)
 
     def slot(self, index: int) -> SlotWriter:
         """The writer for slot ``index``, claimed by the calling process:
         call it in the worker (after the fork) and use it there only."""
         self._check_index(index)
-        writer = SlotWriter(self._mm, index * self._slot_size, self.capacity, *self._reading)
+        writer = SlotWriter(self._mm, *self._offsets(index), self.capacity, *self._reading)
         writer.claim()
         return writer
 
     def clear_slot(self, index: int) -> None:
         """Forget a dead worker's connections (master, after reaping it)."""
         self._check_index(index)
-        base = index * self._slot_size
+        base, entries = self._offsets(index)
         version = _HEADER.unpack_from(self._mm, base)[0] | 1
         store(self._mm, base, _HEADER, version, 0, 0, 0, 0, self.capacity)
-        entries = base + _HEADER.size
-        self._mm[entries:base + self._slot_size] = bytes(self._slot_size - _HEADER.size)
+        self._mm[entries:entries + self._entries_size] = bytes(self._entries_size)
         _publish(self._mm, base, version)
 
     def total(self) -> int:

@@ -186,7 +186,7 @@ def test_total_never_reads_as_zero_while_a_writer_churns():
 
 def _stuck_mid_update(counts, index, pid):
     """Make slot ``index`` look as if writer ``pid`` stopped mid-update."""
-    base = index * (counts._slot_size)
+    base, _ = counts._offsets(index)
     version = struct.unpack_from("<I", counts._mm, base)[0]
     struct.pack_into("<II", counts._mm, base, version | 1, pid)
 
