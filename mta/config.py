@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mta.configfile import ConfigError, Line, RawConfig, read_config
-from mta.values import BadValue, parse_bool, parse_int, parse_port, parse_time
+from mta.values import BadValue, parse_int, parse_port, parse_time
 
 LIST_KINDS = ("domainlist", "hostlist", "addresslist", "localpartlist")
 

@@ -29,6 +29,8 @@ import gevent
 from gevent import socket as gsocket
 from gevent.server import StreamServer
 
+from harness import free_port
+
 TEST_USER = "mtasockstest"
 TEST_PASSWORD = "s3cret-pw"
 MICROSOCKS_USER = "mtauser"
@@ -47,13 +49,6 @@ class Server:
     stop: Callable[[], None]
     log_path: Path | None = None
     peers: list[tuple] = field(default_factory=list)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def closed_port(host: str = "127.0.0.1") -> int:

@@ -3,7 +3,6 @@ gevent SMTP server, Postfix's smtp-sink, and a loopback DNS server."""
 import email
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from delivery_support import SmtpRecorder, log_lines, main_log, make_deliverer, smarthost_config, spool_message
 from dns_server import DnsServer
+from harness import wait_for_port
 from mta.delivery import COMPLETED, DEFERRED_MESSAGE, NOT_DUE
 from mta.retry import unpack_retry_state
 from socks_servers import closed_port, free_port
@@ -263,17 +263,6 @@ def test_journal_skips_recipients_already_delivered(tmp_path, recorder):
     assert recorder.recipients() == ["one@example.net", "three@example.net"]
 
 
-def wait_until_listening(port: int) -> None:
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            gevent.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 
 
@@ -284,7 +273,7 @@ def test_delivery_to_postfix_smtp_sink(tmp_path):
     sink = subprocess.Popen([SMTP_SINK, "-u", "nobody", "-d", f"{dumps}/%Y", f"127.0.0.1:{port}", "100"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until_listening(port)
+        wait_for_port("127.0.0.1", port, 5)
         deliverer, spool, logs = make_deliverer(tmp_path, smarthost_config(f"127.0.0.1::{port}"))
         ids = [spool_message(spool, "a@example.org", [f"u{n}@example.net", "v@example.net"],
                              body=b".x\r\n" * 100) for n in range(3)]

@@ -3,10 +3,10 @@ recording SMTP server."""
 import subprocess
 import time
 
-import gevent
 import pytest
 
 from delivery_support import SmtpRecorder, log_lines, main_log, make_deliverer, smarthost_config, spool_message
+from harness import wait_for_port
 from mta.delivery import COMPLETED, DEFERRED_MESSAGE
 from shared.proxypool import ProxyPool
 from socks_servers import (
@@ -137,23 +137,10 @@ def test_all_proxies_down_then_one_comes_back(tmp_path, recorder):
     revived = subprocess.Popen([MICROSOCKS, "-i", "127.0.0.1", "-p", str(second)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for_listener(second)
+        wait_for_port("127.0.0.1", second, 5)
         assert deliverer.deliver(message_id, forced=True) == COMPLETED
     finally:
         revived.terminate()
         revived.wait()
     assert recorder.recipients() == ["x@example.net"]
     assert "PRX=[127.0.0.1] C=" in main_log(logs)
-
-
-def wait_for_listener(port: int) -> None:
-    from gevent import socket
-
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            gevent.sleep(0.02)
-    raise TimeoutError(port)

@@ -21,6 +21,7 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import free_port
 from mta import proxy_protocol as pp
 from mta.proxy_protocol import (
     ProxyHeader,
@@ -809,15 +810,9 @@ def test_read_header_over_loopback_tcp_in_fragments() -> None:
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 
 
-def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
 def ipv6_loopback_works() -> bool:
     try:
-        free_port(socket.AF_INET6, "::1")
+        free_port("::1")
     except OSError:
         return False
     return True
