@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 import gevent.pool  # noqa: E402
 
-from delivery_support import make_deliverer, spool_message  # noqa: E402
+from delivery_support import make_deliverer, smarthost_config, spool_message  # noqa: E402
 from harness import find_program, free_port, wait_for_port  # noqa: E402
 from mta.delivery import COMPLETED  # noqa: E402
 from socks_servers import start_danted  # noqa: E402
@@ -35,19 +35,8 @@ BODY = b"".join(b"Line %d of a benchmark message body, about one kilobyte in all
 
 
 def config(sink_port: int, socks_proxy: str, connection_max: int) -> str:
-    return f"""
-remote_max_parallel = 16
-begin routers
-smarthost:
-  driver = manualroute
-  route_list = * 127.0.0.1::{sink_port}
-  transport = remote_smtp
-begin transports
-remote_smtp:
-  driver = smtp
-  connection_max = {connection_max}
-  socks_proxy = {socks_proxy}
-"""
+    return "remote_max_parallel = 16\n" + smarthost_config(
+        f"127.0.0.1::{sink_port}", f"  connection_max = {connection_max}\n  socks_proxy = {socks_proxy}")
 
 
 def run_case(workdir: str, sink_port: int, socks_proxy: str, messages: int, parallel: int,

@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from delivery_support import smarthost_config
 from harness import find_program, free_port, wait_for_port
 from mta.histogram import Histogram, cumulative
 from mta.proxy_failures import failure_kind
@@ -141,7 +142,7 @@ def sink_and_proxy():
 
 
 def socks_delivery_config(sink_port: int, socks_port: int) -> str:
-    return f"""
+    return """
 hosts_proxy = 127.0.0.2
 acl_smtp_connect = check_connect
 acl_smtp_rcpt = check_rcpt
@@ -154,18 +155,7 @@ check_connect:
 check_rcpt:
   accept domains = example.net : localhost
   deny   message = relay not permitted
-begin routers
-smarthost:
-  driver = manualroute
-  route_list = * 127.0.0.1::{sink_port}
-  transport = remote_smtp
-begin transports
-remote_smtp:
-  driver = smtp
-  socks_proxy = 127.0.0.1 port={socks_port}
-begin retry
-* * F,1h,1m
-"""
+""" + smarthost_config(f"127.0.0.1::{sink_port}", f"  socks_proxy = 127.0.0.1 port={socks_port}", "* * F,1h,1m")
 
 
 def make_traffic(server) -> None:
