@@ -220,7 +220,7 @@ class SmtpConnection:
         return line
 
     def _fill(self) -> bool:
-        data = self._recv()
+        data = self.sock.recv(RECV_SIZE)
         if not data:
             return False
         self.buffer += data
@@ -231,9 +231,6 @@ class SmtpConnection:
         documentation says so): a client trickling a byte at a time cannot
         hold a connection longer than that per line."""
         self.deadline.restart()
-
-    def _recv(self) -> bytes:
-        return self.sock.recv(RECV_SIZE)
 
     def _flush(self) -> None:
         if self.replies:
@@ -296,7 +293,7 @@ class SmtpConnection:
             if decoder.done:
                 self.buffer += after
                 return oversize, spool_error, header_id or ""
-            pending = self._recv()
+            pending = self.sock.recv(RECV_SIZE)
             if not pending:
                 raise ConnectionResetError(errno.ECONNRESET, "connection lost during DATA")
 

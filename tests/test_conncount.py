@@ -130,29 +130,40 @@ def _busy(seconds):
         pass
 
 
-def test_reader_sees_consistent_counts_while_writer_churns():
-    counts = ConnCounts.create(2, 8)
+def _readings_while_churning(counts, churn, read) -> collections.Counter:
+    """Fork a writer that counts "steady" five times, then runs
+    ``churn(slot)``; meanwhile collect ``read()`` until it exits cleanly."""
     go_read, go_write = os.pipe()
 
-    def churner():
+    def writer():
         slot = counts.slot(1)
         for _ in range(5):
             slot.add("steady")
         os.write(go_write, b"g")
+        churn(slot)
+
+    pid = _fork(writer)
+    os.read(go_read, 1)
+    readings = collections.Counter()
+    reaped, status = 0, 0
+    while not reaped:
+        readings[read()] += 1
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+    assert status == 0
+    return readings
+
+
+def test_reader_sees_consistent_counts_while_writer_churns():
+    counts = ConnCounts.create(2, 8)
+
+    def churn(slot):
         for index in range(20000):
             slot.add(f"churn{index % 13}", "steady")
             _busy(20e-6)                      # stay a while in the "6" state
             slot.remove(f"churn{index % 13}", "steady")
 
-    pid = _fork(churner)
-    os.read(go_read, 1)
-    readings = set()
-    reaped, status = 0, 0
-    while not reaped:
-        readings.add(counts.count("steady"))
-        reaped, status = os.waitpid(pid, os.WNOHANG)
-    assert status == 0
-    assert readings <= {5, 6} and len(readings) == 2
+    readings = _readings_while_churning(counts, churn, lambda: counts.count("steady"))
+    assert set(readings) <= {5, 6} and len(readings) == 2
     assert counts.count("steady") == 5
 
 
@@ -162,25 +173,13 @@ def test_total_never_reads_as_zero_while_a_writer_churns():
     before the total: either let a reader take a total of 0, and two workers
     admit past smtp_accept_max."""
     counts = ConnCounts.create(2, 8)
-    go_read, go_write = os.pipe()
 
-    def churner():
-        slot = counts.slot(1)
-        for _ in range(5):
-            slot.add("steady")
-        os.write(go_write, b"g")
+    def churn(slot):
         for _ in range(100000):
             slot.add("steady")
             slot.remove("steady")
 
-    pid = _fork(churner)
-    os.read(go_read, 1)
-    readings = collections.Counter()
-    reaped, status = 0, 0
-    while not reaped:
-        readings[counts.total()] += 1
-        reaped, status = os.waitpid(pid, os.WNOHANG)
-    assert status == 0
+    readings = _readings_while_churning(counts, churn, counts.total)
     assert set(readings) <= {5, 6}, readings
 
 
