@@ -13,6 +13,7 @@ commands that arrived in each recv() (to see pipelining).
 from __future__ import annotations
 
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -289,3 +290,13 @@ remote_smtp:
 begin retry
 {retry}
 """
+
+
+def wait_until(condition, timeout: float = 15.0) -> None:
+    """Poll `condition` (yielding to the hub, where a recorder may be serving)
+    until it is true; AssertionError after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError("condition not met in time")
+        gevent.sleep(0.05)

@@ -14,7 +14,7 @@ import time
 import gevent
 import msgpack
 
-from delivery_support import SmtpRecorder, main_log, spool_message, write_config
+from delivery_support import SmtpRecorder, main_log, spool_message, wait_until, write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,14 +61,6 @@ class Runner:
             self.process.kill()
         self.notify.close()
         return self.process.wait()
-
-
-def wait_until(condition, timeout: float = 15.0) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError("condition not met in time")
-        gevent.sleep(0.05)
 
 
 def setup(tmp_path, port: int, **options):

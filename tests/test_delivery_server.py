@@ -1,19 +1,9 @@
 """End to end: the real server (master, SMTP workers, queue runners) receives
 mail over SMTP and delivers it to a recording SMTP server and to maildirs."""
 import smtplib
-import time
-
-import gevent
-
-from delivery_support import SmtpRecorder
 
 
-def wait_until(condition, timeout: float = 15.0) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError("condition not met in time")
-        gevent.sleep(0.05)
+from delivery_support import SmtpRecorder, wait_until
 
 
 def routing(port: int, directory: str) -> str:
