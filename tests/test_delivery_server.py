@@ -2,7 +2,6 @@
 mail over SMTP and delivers it to a recording SMTP server and to maildirs."""
 import smtplib
 
-
 from delivery_support import SmtpRecorder, wait_until
 
 
