@@ -1,10 +1,12 @@
 """Group commit: one greenlet per worker makes finished messages durable.
 
-Sessions hand in an `IncomingMessage` and wait.  The committer takes every
-message that arrived while the previous batch was syncing and commits them
-together in gevent's thread pool (so fsync never blocks the hub): one fsync
-per file, one rename each, one fsync of the spool directory for the batch.
-No session gets its answer before its own batch is durable.
+Sessions hand in an `IncomingMessage` and wait.  Each message's files are
+written (staged) on the hub at once; the committer takes every message
+staged while the previous batch was syncing and makes them durable together
+in gevent's thread pool, so the waits for the disk never block the hub: one
+syncfs(2) for the batch (or, with `spool_sync = fsync`, one fsync per file
+and one of the spool directory).  No session gets its answer before its own
+batch is durable.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import gevent
 import gevent.event
 from gevent.event import AsyncResult
 
-from mta.spool import IncomingMessage, Spool, commit_batch
+from mta.spool import IncomingMessage, Spool, commit_batch, make_durable, stage
 
 
 class GroupCommitter:
@@ -44,6 +46,9 @@ class GroupCommitter:
             if error is not None:
                 raise error
             return
+        error = stage(message, self.method)
+        if error is not None:
+            raise error
         result = AsyncResult()
         self._waiting.append((message, result))
         self._wakeup.set()
@@ -62,11 +67,13 @@ class GroupCommitter:
             messages = [message for message, _ in batch]
             self._busy = True
             try:
-                outcomes = threadpool.apply(commit_batch, (self.spool, messages, self.method))
+                outcomes = threadpool.apply(make_durable, (self.spool, messages, self.method))
             except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
                 outcomes = [exc] * len(batch)
             finally:
                 self._busy = False
+            for message in messages:
+                message.close()
             self.batches += 1
             self.messages += len(batch)
             for (_, result), outcome in zip(batch, outcomes):
