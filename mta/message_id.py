@@ -23,10 +23,6 @@ def base62(number: int, width: int) -> str:
     return "".join(reversed(digits))
 
 
-def format_message_id(seconds: int, pid: int, fraction: int) -> str:
-    return f"{base62(seconds, 6)}-{base62(pid, 12)}-{base62(fraction, 4)}"
-
-
 def is_message_id(text: str) -> bool:
     return MESSAGE_ID.fullmatch(text) is not None
 
@@ -35,8 +31,9 @@ class MessageIdSource:
     """Hands out unique ids for one process (re-create it after fork)."""
 
     def __init__(self, pid: int) -> None:
-        self._pid = pid
+        self._pid_digits = base62(pid, 12)
         self._last = (0, -1)
+        self._seconds_digits = (-1, "")  # (seconds, their base-62 digits): minted once a second
 
     def next_id(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -48,4 +45,6 @@ class MessageIdSource:
             if fraction >= FRACTION_UNITS:
                 seconds, fraction = seconds + 1, 0
         self._last = (seconds, fraction)
-        return format_message_id(seconds, self._pid, fraction)
+        if self._seconds_digits[0] != seconds:
+            self._seconds_digits = (seconds, base62(seconds, 6))
+        return f"{self._seconds_digits[1]}-{self._pid_digits}-{base62(fraction, 4)}"

@@ -15,6 +15,7 @@ VERBS = frozenset(
 # A conservative mailbox: anything printable but <, >, space, inside the angle brackets.
 _PATH = re.compile(r"<([^<>\s]*)>")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HELO_NAME = re.compile(r"[!-~]+")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([!-<>-~]+))?")
 
 
@@ -112,9 +113,8 @@ def parse_body_parameter(params: dict[str, str | None]) -> str:
 
 
 def check_helo_name(name: str) -> None:
-    if not name:
-        raise SmtpSyntaxError("501 5.5.2 Syntactically invalid HELO argument(s)")
-    if " " in name or any(ord(ch) < 33 or ord(ch) > 126 for ch in name):
+    """Printable ASCII, no space, not empty."""
+    if not _HELO_NAME.fullmatch(name):
         raise SmtpSyntaxError("501 5.5.2 Syntactically invalid HELO argument(s)")
 
 

@@ -9,10 +9,11 @@ Layout under `spool_directory`:
     input/ID-R   per-message retry state, msgpack (written by queue runners)
     corrupt/     files set aside because they could not be read
 
-The receive path writes -D and -T, makes them durable, renames -T to -H and
-makes the directory durable; only then does the session send 250.  The
-durability step is `commit_batch`, which takes many messages at once so that
-one fsync of the directory serves all of them (group commit).
+The receive path writes -D and -T, renames -T to -H and makes files and
+directory durable; only then does the session send 250.  `commit_batch`
+does it for many messages at once, so that one sync serves all of them
+(group commit); the SMTP worker's committer runs its two halves apart
+(`stage`, then `make_durable` in a thread).
 """
 from __future__ import annotations
 
