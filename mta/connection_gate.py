@@ -73,10 +73,8 @@ class ConnectionGate:
         if not self.limits.per_host:
             return
         key = f"h:{client_address}"
-        keys = self._held[token]
-        self.slot.remove(*keys)  # re-count the same connection with one key more
-        keys.append(key)
-        self.slot.add(*keys)
+        self.slot.add_keys(key)
+        self._held[token].append(key)
         if self.counts.count(key) > self.limits.per_host:
             self.leave(token)
             raise LimitReached(

@@ -201,18 +201,27 @@ class SlotWriter(_SlotView):
 
     def add(self, *keys: bytes | str) -> None:
         """Count one connection, identified by ``keys`` (each counted once)."""
-        self._change(+1, keys)
+        self._change(+1, keys, connections=+1)
+
+    def add_keys(self, *keys: bytes | str) -> None:
+        """Count more keys for a connection already counted (its total stays).
+
+        One write: taking the connection's keys away and adding them back
+        with the new one would, for that moment, show every other worker
+        one connection fewer under the old keys, and let it admit one too many.
+        """
+        self._change(+1, keys, connections=0)
 
     def remove(self, *keys: bytes | str) -> None:
-        """Uncount a connection previously added with the same keys."""
-        self._change(-1, keys)
+        """Uncount a connection previously added (with `add` and `add_keys`)."""
+        self._change(-1, keys, connections=-1)
 
-    def _change(self, delta: int, keys: tuple[bytes | str, ...]) -> None:
+    def _change(self, delta: int, keys: tuple[bytes | str, ...], connections: int) -> None:
         digests = [key_digest(key) for key in keys]
         version, pid, total, overflow, used, capacity = self._header()
         writing = version | 1
         store(self._mm, self._base, _VERSION, writing)
-        total = max(0, total + delta)
+        total = max(0, total + connections)
         for digest in digests:
             overflow, used = self._bump(digest, delta, overflow, used)
         if used * 4 > capacity * 3:

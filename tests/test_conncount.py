@@ -29,6 +29,16 @@ def test_add_remove_in_one_slot():
     assert counts.snapshot()[2] == SlotStats(total=2, keys=3, overflow=0)
 
 
+def test_a_counted_connection_gains_a_key_without_being_counted_twice():
+    counts = ConnCounts.create(2, 16)
+    slot = counts.slot(1)
+    slot.add("p:10.0.0.1")
+    slot.add_keys("h:192.0.2.1")
+    assert (counts.total(), counts.count("p:10.0.0.1"), counts.count("h:192.0.2.1")) == (1, 1, 1)
+    slot.remove("p:10.0.0.1", "h:192.0.2.1")
+    assert (counts.total(), counts.count("p:10.0.0.1"), counts.count("h:192.0.2.1")) == (0, 0, 0)
+
+
 def test_counts_sum_over_slots_and_clear_slot():
     counts = ConnCounts.create(3, 8)
     counts.slot(0).add("h:a")
