@@ -8,7 +8,6 @@ import ssl
 from typing import Callable
 
 import gevent
-import gevent.pool
 import gevent.ssl
 import gevent.socket
 import msgpack
@@ -27,6 +26,7 @@ from mta.smtp_session import Limits
 from mta.spool import Spool
 from mta.variables import SessionVariables
 from workers.context import WorkerContext
+from workers.handlers import HandlerPool
 from workers.process import BootError
 
 
@@ -34,7 +34,7 @@ def serve(ctx: WorkerContext) -> None:
     for counter in ("connections", "connections_total", "ratelimit_defers", "received"):
         ctx.stats.setdefault(counter, 0)
     resources = build_resources(ctx)
-    handlers = gevent.pool.Group()
+    handlers = HandlerPool()
     acceptors = [
         gevent.spawn(_accept_loop, ctx, resources, handlers, listener, tls)
         for listener, tls in ctx.listeners
@@ -43,10 +43,10 @@ def serve(ctx: WorkerContext) -> None:
     gevent.killall(acceptors)
     for listener, _ in ctx.listeners:
         listener.close()
-    handlers.join(timeout=ctx.config.shutdown_timeout)
+    handlers.drain(ctx.config.shutdown_timeout)
 
 
-def _accept_loop(ctx, resources, handlers, listener: socket.socket, tls_on_connect: bool) -> None:
+def _accept_loop(ctx, resources, handlers: HandlerPool, listener: socket.socket, tls_on_connect: bool) -> None:
     server_socket = gevent.socket.socket(fileno=os.dup(listener.fileno()))
     stats = ctx.stats
     try:
@@ -59,7 +59,7 @@ def _accept_loop(ctx, resources, handlers, listener: socket.socket, tls_on_conne
                 continue
             stats["connections_total"] += 1
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handlers.spawn(SmtpConnection(resources, sock, peer, tls_on_connect).run)
+            handlers.submit(SmtpConnection(resources, sock, peer, tls_on_connect).run)
     finally:
         server_socket.close()
 
