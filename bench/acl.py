@@ -22,7 +22,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from harness import MtaServer, base_config, find_program, free_port  # noqa: E402
+from harness import CHAPTER_CONNECT_ACL, MtaServer, base_config, find_program, free_port  # noqa: E402
 from mta.acl import AclPolicy, AclServices, compile_acls  # noqa: E402
 from mta.config import load_config  # noqa: E402
 from mta.lists import DomainList  # noqa: E402
@@ -38,10 +38,7 @@ acl_smtp_connect = acl_check_connect
 acl_smtp_rcpt = acl_check_rcpt
 hostlist relay_from_hosts = 10.0.0.0/8 : 192.168.0.0/16
 begin acl
-acl_check_connect:
-  defer   message        = Too many connections from this IP right now
-          ratelimit      = LIMIT / 5s / per_conn / strict
-  accept
+""" + CHAPTER_CONNECT_ACL + """\
 acl_check_rcpt:
   accept  hosts = :
   deny    local_parts = ^[.] : ^.*[@%!/|]

@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 import msgpack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The connect ACL of Exim's "Proxies" chapter, verbatim; its LIMIT macro is set by each user.
+CHAPTER_CONNECT_ACL = """\
+acl_check_connect:
+  defer   message        = Too many connections from this IP right now
+          ratelimit      = LIMIT / 5s / per_conn / strict
+  accept
+"""
 
 
 def free_port(host: str = "127.0.0.1") -> int:

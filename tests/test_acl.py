@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from harness import CHAPTER_CONNECT_ACL
 from mta.acl import AclPolicy, AclServices, compile_acls, split_message
 from mta.config import load_config
 from mta.configfile import ConfigError
@@ -440,12 +441,7 @@ def test_long_messages_are_split_as_exim_does():
 # ratelimit
 
 
-CHAPTER = """
-acl_check_connect:
-  defer   message        = Too many connections from this IP right now
-          ratelimit      = LIMIT / 5s / per_conn / strict
-  accept
-"""
+CHAPTER = "\n" + CHAPTER_CONNECT_ACL
 
 
 def test_chapter_example_defers_the_sixth_connection(tmp_path):

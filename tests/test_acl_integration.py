@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from harness import CHAPTER_CONNECT_ACL
 from test_proxy_integration import HAPROXY, HAProxy
 from test_smtp_server import Client
 
@@ -13,11 +14,7 @@ CHAPTER = """
 {limit}
 acl_smtp_connect = acl_check_connect
 begin acl
-acl_check_connect:
-  defer   message        = Too many connections from this IP right now
-          ratelimit      = LIMIT / 5s / per_conn / strict
-  accept
-"""
+""" + CHAPTER_CONNECT_ACL
 DEFERRED = "451 Too many connections from this IP right now"
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from harness import REPO
+from harness import CHAPTER_CONNECT_ACL, REPO
 
 MESSAGE = "Subject: test\r\n\r\nbody\r\n..stuffed\r\n.\r\n"
 
@@ -28,11 +28,7 @@ LIMIT = ${{lookup{{$sender_host_address}}iplsearch{{{tmp_path}/proxy_limits}}{{$
 {extra}
 begin acl
 
-acl_check_connect:
-  defer message = Too many connections from this IP right now
-        ratelimit = LIMIT / 5s / per_conn / strict
-  accept
-
+{CHAPTER_CONNECT_ACL}
 acl_check_rcpt:
   drop    local_parts = dropme
           message = go away

@@ -1,17 +1,14 @@
 """`mta-server ratelimit-dump` shows the shared table the workers wrote."""
 import re
 
+from harness import CHAPTER_CONNECT_ACL
 from test_smtp_server import Client
 
 CONNECT_ACL = """
 acl_smtp_connect = acl_check_connect
 LIMIT = 5
 begin acl
-acl_check_connect:
-  defer   message        = Too many connections from this IP right now
-          ratelimit      = LIMIT / 5s / per_conn / strict
-  accept
-"""
+""" + CHAPTER_CONNECT_ACL
 
 
 def test_dump_lists_the_records_written_by_the_workers(mta):
