@@ -20,11 +20,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import msgpack
+
+from mta import fsinfo
 
 ENVELOPE_VERSION = 1
 SPILL_AT = 1024 * 1024  # bytes of a message held in memory before it goes to disk
@@ -96,6 +99,11 @@ class Spool:
         self.input = os.path.join(directory, "input")
         self.corrupt = os.path.join(directory, "corrupt")
         self._input_fd: int | None = None
+
+    @functools.cached_property
+    def syncfs_needs_flush(self) -> bool:
+        """A syncfs here must be followed by a cache flush (mta/fsinfo.py)."""
+        return fsinfo.syncfs_needs_flush(self.input)
 
     def create_directories(self, mode: int = 0o750) -> None:
         for path in (self.directory, self.input, self.corrupt):
@@ -352,10 +360,12 @@ def make_durable(spool: Spool, messages: list[IncomingMessage], method: str = "s
     With `syncfs` (the default) the envelopes are already renamed into
     place, and one syncfs(2) makes data, envelopes and the directory durable
     together: one cache flush for the batch instead of three fsyncs per
-    message.  A crash before it completes can leave an envelope whose data
-    is short; nothing was acknowledged then, and queue runners check the
-    data size recorded in the envelope and set such a message aside.  With
-    `fsync` each file is fsynced before its rename and the directory after.
+    message (two flushes where syncfs's own flush comes too early, see
+    mta/fsinfo.py).  A crash before it completes can leave an envelope
+    whose data is short; nothing was acknowledged then, and queue runners
+    check the data size recorded in the envelope and set such a message
+    aside.  With `fsync` each file is fsynced before its rename and the
+    directory after.
     """
     results: list[BaseException | None] = []
     published = []
@@ -376,6 +386,8 @@ def make_durable(spool: Spool, messages: list[IncomingMessage], method: str = "s
             spool.sync_directory()
         else:
             syncfs(spool.input_fd)
+            if spool.syncfs_needs_flush:
+                spool.sync_directory()  # its cache flush covers what syncfs wrote last
     except OSError as exc:
         for message in published:
             message.discard()
