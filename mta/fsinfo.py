@@ -51,17 +51,30 @@ def needs_flush(fstype: str | None, has_journal: bool) -> bool:
     return True
 
 
-def syncfs_needs_flush(path: str) -> bool:
-    """`needs_flush` for the file system holding `path` (Linux /proc, /sys)."""
+def describe(fstype: str | None, has_journal: bool) -> str:
+    """For the log: "ext4 without a journal", "xfs", "an unknown file system"."""
+    if fstype is None:
+        return "an unknown file system"
+    if fstype in EXT_FAMILY:
+        return fstype + (" with a journal" if has_journal else " without a journal")
+    return fstype
+
+
+def filesystem(path: str) -> tuple[str | None, bool]:
+    """(type, has a journal) of the file system holding `path`, from
+    /proc/self/mountinfo and /proc/fs/jbd2; (None, False) if unknown."""
     device = os.stat(path).st_dev
     major_minor = f"{os.major(device)}:{os.minor(device)}"
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
             fstype = mount_type(handle.read(), major_minor)
     except OSError:
-        return True
-    has_journal = fstype in EXT_FAMILY and _has_journal(major_minor)
-    return needs_flush(fstype, has_journal)
+        return None, False
+    return fstype, fstype in EXT_FAMILY and _has_journal(major_minor)
+
+
+def syncfs_needs_flush(path: str) -> bool:
+    return needs_flush(*filesystem(path))
 
 
 def _has_journal(major_minor: str) -> bool:

@@ -1,7 +1,7 @@
 """Which file systems need a cache flush after syncfs (mta/fsinfo.py)."""
 import pytest
 
-from mta.fsinfo import mount_type, needs_flush
+from mta.fsinfo import describe, mount_type, needs_flush, syncfs_needs_flush
 
 MOUNTINFO = """\
 22 27 0:21 / /proc rw,relatime - proc proc rw
@@ -42,3 +42,21 @@ def test_mount_type_with_dashes_in_paths():
 ])
 def test_needs_flush(fstype, has_journal, expected):
     assert needs_flush(fstype, has_journal) is expected
+
+
+@pytest.mark.parametrize("fstype, has_journal, text", [
+    ("ext4", False, "ext4 without a journal"),
+    ("ext3", True, "ext3 with a journal"),
+    ("tmpfs", False, "tmpfs"),
+    (None, False, "an unknown file system"),
+])
+def test_describe(fstype, has_journal, text):
+    assert describe(fstype, has_journal) == text
+
+
+def test_the_main_log_says_when_each_syncfs_gets_a_flush(mta):
+    """An operator learns at start what this machine's spool costs; the
+    line is there exactly when the committer adds the flush."""
+    server = mta(workers=1)
+    said = "each batch's syncfs is followed by a directory fsync" in server.log()
+    assert said == syncfs_needs_flush(server.input)

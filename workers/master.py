@@ -21,6 +21,7 @@ from typing import Callable
 
 import msgpack
 
+from mta import fsinfo
 from mta.config import Config, load_config
 from mta.configfile import ConfigError
 from mta.log import Logs
@@ -105,8 +106,16 @@ class Master:
         listening = ", ".join(str(where) for where in self.listeners)
         self.logs.main(f"mta-server daemon started: pid={os.getpid()}, listening for SMTP on {listening}"
                        + (f", metrics on {self.metrics_listener[0]}" if self.metrics_listener else ""))
+        self._log_spool_sync()
         self._spawn_missing()
         self._notify("READY=1")
+
+    def _log_spool_sync(self) -> None:
+        spool = Spool(self.config.spool_directory)
+        if self.config.spool_sync == "syncfs" and spool.syncfs_needs_flush:
+            kind = fsinfo.describe(*fsinfo.filesystem(spool.input))
+            self.logs.main(f"spool on {kind}: each batch's syncfs is followed by a directory fsync,"
+                           " as syncfs alone does not make it durable there")
 
     def _remove_orphans(self) -> None:
         """Data files without an envelope are messages that were never
