@@ -111,11 +111,12 @@ class Master:
         self._notify("READY=1")
 
     def _log_spool_sync(self) -> None:
-        spool = Spool(self.config.spool_directory)
-        if self.config.spool_sync == "syncfs" and spool.syncfs_needs_flush:
-            kind = fsinfo.describe(*fsinfo.filesystem(spool.input))
-            self.logs.main(f"spool on {kind}: each batch's syncfs is followed by a directory fsync,"
-                           " as syncfs alone does not make it durable there")
+        if self.config.spool_sync != "syncfs":
+            return
+        filesystem = fsinfo.filesystem(Spool(self.config.spool_directory).input)  # read /proc once
+        if fsinfo.needs_flush(*filesystem):
+            self.logs.main(f"spool on {fsinfo.describe(*filesystem)}: each batch's syncfs is followed by a"
+                           " directory fsync, as syncfs alone does not make it durable there")
 
     def _remove_orphans(self) -> None:
         """Data files without an envelope are messages that were never
