@@ -6,6 +6,7 @@ import os
 import time
 
 import gevent
+import gevent.socket
 import pytest
 
 from mta.committer import GroupCommitter
@@ -82,3 +83,32 @@ def test_a_lone_connection_commits_inline(spool):
         committer.close()
     assert spool.message_ids() == ["1abcde-0000000000003-AA"]
     assert committer.batches == 1
+
+
+def test_sessions_that_become_ready_while_the_hub_is_busy_share_one_batch(spool):
+    """Each session's final data arrives while the previous one is being
+    served, one hub iteration apart: the first must not sync alone (the
+    committer waits for the hub's idle point before it takes a batch)."""
+    committer = GroupCommitter(spool)
+    pairs = [gevent.socket.socketpair() for _ in range(5)]
+    messages = [incoming(spool, f"1abcde-00000000001{index:02d}-AA") for index in range(5)]
+    clients = [client for _, client in pairs]
+
+    def session(index: int) -> None:
+        assert pairs[index][0].recv(16) == b".\r\n"
+        if index + 1 < len(pairs):
+            clients[index + 1].send(b".\r\n")  # ready at the hub's next poll
+        committer.commit(messages[index])
+
+    try:
+        greenlets = [gevent.spawn(session, index) for index in range(len(pairs))]
+        gevent.sleep(0.05)  # every session now waits in recv
+        clients[0].send(b".\r\n")
+        gevent.joinall(greenlets, timeout=10, raise_error=True)
+        assert committer.messages == 5
+        assert committer.batches == 1
+    finally:
+        committer.close()
+        for server, client in pairs:
+            server.close()
+            client.close()
