@@ -3,10 +3,10 @@
 Sessions hand in an `IncomingMessage` and wait.  Each message's files are
 written (staged) on the hub at once; once the hub has served every ready
 connection (or 2 ms have passed), the committer takes every message staged
-meanwhile and makes them durable together in gevent's thread pool, so
-the waits for the disk never block the hub: one syncfs(2) for the batch (or, with `spool_sync = fsync`, one fsync per file
-and one of the spool directory).  No session gets its answer before its own
-batch is durable.
+meanwhile and makes them durable together in gevent's thread pool, so the
+waits for the disk never block the hub: one syncfs(2) for the batch (or,
+with `spool_sync = fsync`, one fsync per file and one of the spool
+directory).  No session gets its answer before its own batch is durable.
 """
 from __future__ import annotations
 
