@@ -16,6 +16,8 @@ separates `spool` from `bare` is the storage; `spool/postfix` is the best
 mta-server / Postfix ratio that any SMTP code above this spool could reach.
 
     python bench/spool_ceiling.py [--rounds 2] [--workers 2]
+
+Needs smtp-source and Postfix, as `make bench` does (run that once first).
 """
 from __future__ import annotations
 
