@@ -10,10 +10,11 @@ processes as mta-server's workers, in two modes:
   lone session committed inline) before its 250.
 
 mta-server and the private Postfix of `smtp_throughput.py` are measured
-in the same run, one peer after the other in each round, each warmed up first.  `spool` is the ceiling for mta-server with
-its storage design: what separates the two is our SMTP logic; what
-separates `spool` from `bare` is the storage; `spool/postfix` is the best
-mta-server / Postfix ratio that any SMTP code above this spool could reach.
+in the same run, one peer after the other in each round, each warmed up
+first.  `spool` is the ceiling for mta-server with its storage design:
+what separates the two is our SMTP logic; what separates `spool` from
+`bare` is the storage; `spool/postfix` is the best mta-server / Postfix
+ratio that any SMTP code above this spool could reach.
 
     python bench/spool_ceiling.py [--rounds 2] [--workers 2]
 
@@ -30,11 +31,17 @@ import subprocess
 import sys
 import time
 
+import gevent
+import gevent.socket
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from smtp_throughput import (  # noqa: E402
-    WARMUP, Mta, PeerError, Postfix, bench_directory, run_source, stop_process_group, wait_for_banner)
+    WARMUP, Mta, PeerError, Postfix, bench_directory, measure, stop_process_group, wait_for_banner)
 
-from harness import free_port  # noqa: E402  (smtp_throughput puts tests/ on the path)
+from harness import free_port  # noqa: E402  (smtp_throughput puts tests/ and the repository on the path)
+from mta.committer import GroupCommitter  # noqa: E402
+from mta.message_id import MessageIdSource  # noqa: E402
+from mta.spool import Envelope, IncomingMessage, Spool  # noqa: E402
 
 CASES = [("1 KiB x1", 1, 1024, 2000), ("1 KiB x20", 20, 1024, 10000)]
 
@@ -58,7 +65,10 @@ class Responder:
     def count(self) -> int | None:
         if self.name == "bare":
             return None
-        return sum(name.endswith("-H") for name in os.listdir(os.path.join(self.directory, "spool", "input")))
+        return len(Spool(os.path.join(self.directory, "spool")).message_ids())
+
+    def diagnose(self) -> str:
+        return "" if self.process.poll() is None else f"{self.name} exited with {self.process.returncode}"
 
     def stop(self) -> None:
         try:
@@ -82,13 +92,6 @@ def serve(mode: str, port: int, directory: str, workers: int) -> None:
 
 
 def _worker(mode: str, listener: socket.socket, spool_directory: str) -> None:
-    import gevent
-    import gevent.socket
-
-    from mta.committer import GroupCommitter
-    from mta.message_id import MessageIdSource
-    from mta.spool import Envelope, IncomingMessage, Spool
-
     spool = Spool(spool_directory)
     spool.create_directories()
     connections = collections.Counter()
@@ -106,10 +109,11 @@ def _worker(mode: str, listener: socket.socket, spool_directory: str) -> None:
         committer.commit(message)
         return envelope.id
 
+    storage = store if mode == "spool" else None
     server_socket = gevent.socket.socket(fileno=os.dup(listener.fileno()))
     while True:
         sock, peer = server_socket.accept()
-        gevent.spawn(_session, sock, peer, store if mode == "spool" else None, connections)
+        gevent.spawn(_session, sock, peer, storage, connections)
 
 
 def _session(sock, peer, store, connections) -> None:
@@ -148,7 +152,7 @@ def _session(sock, peer, store, connections) -> None:
         sock.close()
 
 
-def measure(rounds: int, workers: int) -> dict[tuple[str, str], float]:
+def measure_all(rounds: int, workers: int) -> dict[tuple[str, str], float]:
     factories = [lambda: Responder("bare", workers), lambda: Responder("spool", workers), lambda: Mta(workers),
                  Postfix]
     best: dict[tuple[str, str], float] = {}
@@ -156,13 +160,9 @@ def measure(rounds: int, workers: int) -> dict[tuple[str, str], float]:
         for factory in factories:
             peer = factory()
             try:
-                run_source(peer.port, *WARMUP)
+                measure(peer, *WARMUP)
                 for label, sessions, size, count in CASES:
-                    before = peer.count() or 0
-                    rate = run_source(peer.port, sessions, size, count)
-                    stored = peer.count()
-                    if stored is not None and stored - before != count:
-                        raise PeerError(f"{peer.name}: {stored - before} of {count} messages stored")
+                    rate = measure(peer, sessions, size, count)
                     print(f"round {round_number} {label:>9} {peer.name:>10}: {rate:8.0f} msg/s", flush=True)
                     best[(label, peer.name)] = max(rate, best.get((label, peer.name), 0.0))
             finally:
@@ -180,7 +180,7 @@ def main() -> None:
         mode, port, directory, workers = args.serve
         serve(mode, int(port), directory, int(workers))
         return
-    best = measure(args.rounds, args.workers)
+    best = measure_all(args.rounds, args.workers)
     print(f"\nmessages/s, best of {args.rounds} round(s)")
     print(f"{'case':>11} {'bare':>8} {'spool':>8} {'mta-server':>11} {'postfix':>8}"
           f" {'spool/bare':>11} {'mta/spool':>10} {'spool/postfix':>14} {'mta/postfix':>12}")
