@@ -36,7 +36,8 @@ import gevent.socket
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from smtp_throughput import (  # noqa: E402
-    WARMUP, Mta, PeerError, Postfix, bench_directory, measure, stop_process_group, wait_for_banner)
+    WARMUP, Mta, PeerError, Postfix, bench_directory, measure, settle_file_system, stop_process_group,
+    wait_for_banner)
 
 from harness import free_port  # noqa: E402  (smtp_throughput puts tests/ and the repository on the path)
 from mta.committer import GroupCommitter  # noqa: E402
@@ -180,6 +181,7 @@ def main() -> None:
         mode, port, directory, workers = args.serve
         serve(mode, int(port), directory, int(workers))
         return
+    settle_file_system()
     best = measure_all(args.rounds, args.workers)
     print(f"\nmessages/s, best of {args.rounds} round(s)")
     print(f"{'case':>11} {'bare':>8} {'spool':>8} {'mta-server':>11} {'postfix':>8}"
