@@ -85,9 +85,9 @@ def settle_file_system() -> None:
     Its inode allocator passes over, one by one, every inode freed in the
     last 5 seconds (5 minutes while the inode table block is still dirty).
     A test suite or an earlier benchmark that has just deleted thousands of
-    spool files made creating a file here cost 100-200 µs more system time
-    per message (1365 against 2018 msg/s at 20 sessions, in the same hour),
-    and more for whoever creates more files per message (mta-server two,
+    spool files cost mta-server's workers about 180 µs more system time per
+    message at 20 sessions (506 against 317-327 µs in the same hour), and
+    whoever creates more files per message pays more (mta-server two,
     Postfix one).  On other file systems this only costs the wait.
     """
     os.sync()
