@@ -38,7 +38,7 @@ def serve(ctx: WorkerContext) -> None:
     handlers = HandlerPool()
     acceptors = [Acceptor(listener, tls, ctx.logs) for listener, tls in ctx.listeners]
     for acceptor in acceptors:
-        handlers.submit(functools.partial(_take_turn, ctx.stats, resources, handlers, acceptor))
+        _offer_turn(ctx.stats, resources, handlers, acceptor)
     ctx.stopping.wait()
     for acceptor in acceptors:
         acceptor.close()
@@ -47,13 +47,18 @@ def serve(ctx: WorkerContext) -> None:
     handlers.drain(ctx.config.shutdown_timeout)
 
 
+def _offer_turn(stats: dict, resources: ServerResources, handlers: HandlerPool, acceptor: Acceptor) -> None:
+    """Have a handler wait for the next connection on `acceptor`."""
+    handlers.submit(functools.partial(_take_turn, stats, resources, handlers, acceptor))
+
+
 def _take_turn(stats: dict, resources: ServerResources, handlers: HandlerPool, acceptor: Acceptor) -> None:
     """Wait for a connection on `acceptor`, pass the turn on, serve it here
     (workers/acceptor.py says why)."""
     accepted = acceptor.accept()
     if accepted is None:
         return
-    handlers.submit(functools.partial(_take_turn, stats, resources, handlers, acceptor))
+    _offer_turn(stats, resources, handlers, acceptor)
     sock, peer = accepted
     stats["connections_total"] += 1
     try:
