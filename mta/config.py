@@ -62,6 +62,17 @@ def _listen_address(text: str) -> tuple[str, int] | tuple[()]:
     return address, parse_port(match.group(3))
 
 
+def _boolean(text: str) -> bool:
+    """Exim's spellings: `name`, `no_name` and `not_name` are handled by the
+    parser; a value may be true/false/yes/no."""
+    word = text.strip().lower()
+    if word in ("true", "yes"):
+        return True
+    if word in ("false", "no"):
+        return False
+    raise BadValue(f'"{text}" is not true, false, yes or no')
+
+
 def _spool_sync(text: str) -> str:
     if text.strip() not in ("syncfs", "fsync"):
         raise BadValue(f'"{text}" is not syncfs or fsync')
@@ -98,6 +109,7 @@ MAIN_OPTIONS: dict[str, Option] = {
     "smtp_accept_max_per_proxy": Option(_positive_int, 0),
     "exim_user": Option(_string, ""),
     "smtp_workers": Option(_positive_int, 0),
+    "smtp_worker_cpu_affinity": Option(_boolean, True),
     "queue_runners": Option(_positive_int, 1),
     "queue_run_interval": Option(_optional_time, 30.0),
     "remote_max_parallel": Option(_positive_int, 16),
@@ -231,10 +243,10 @@ def _main_section(lines: list[Line]):
     for line in lines:
         if _named_list(line, named):
             continue
-        name, value = _split_option(line)
+        name, value = _parse_option(line, *_split_option(line))
         if name in option_lines:
             raise line.error(f'"{name}" option set for the second time')
-        options[name] = _parse_option(line, name, value)
+        options[name] = value
         option_lines[name] = line
     return options, option_lines, named
 
@@ -259,17 +271,26 @@ def _split_option(line: Line) -> tuple[str, str | None]:
     return match.group(1), match.group(2)
 
 
-def _parse_option(line: Line, name: str, value: str | None) -> Any:
+def _parse_option(line: Line, name: str, value: str | None) -> tuple[str, Any]:
+    """(option name, parsed value); `no_NAME` and `not_NAME` set a boolean
+    option false, a bare `NAME` sets it true, as in Exim."""
     negated = re.fullmatch(r"(?:no|not)_(\w+)", name)
     option = MAIN_OPTIONS.get(name)
     if option is None and negated and negated.group(1) in MAIN_OPTIONS:
-        raise line.error(f'"{negated.group(1)}" is not a boolean option')
+        base = negated.group(1)
+        if MAIN_OPTIONS[base].parse is not _boolean:
+            raise line.error(f'"{base}" is not a boolean option')
+        if value is not None:
+            raise line.error(f'"{name}" takes no value')
+        return base, False
     if option is None:
         raise line.error(f'main option "{name}" unknown')
     if value is None:
+        if option.parse is _boolean:
+            return name, True
         raise line.error(f'"{name}" needs a value')
     try:
-        return option.parse(value)
+        return name, option.parse(value)
     except BadValue as exc:
         raise line.error(f"{name}: {exc}") from None
     except ValueError as exc:

@@ -71,6 +71,11 @@ begin retry
     ("hostlist bad = 300.1.2.3/8\n", 1, "hostlist bad"),
     ("acl_smtp_rcpt = missing_acl\n", 1, 'no ACL named "missing_acl"'),
     (".include nothere.conf\n", 1, "no such file"),
+    ("smtp_worker_cpu_affinity = maybe\n", 1, '"maybe" is not true, false, yes or no'),
+    ("no_smtp_worker_cpu_affinity = true\n", 1, '"no_smtp_worker_cpu_affinity" takes no value'),
+    ("no_smtp_workers\n", 1, '"smtp_workers" is not a boolean option'),
+    ("smtp_workers\n", 1, '"smtp_workers" needs a value'),
+    ("smtp_worker_cpu_affinity\nno_smtp_worker_cpu_affinity\n", 2, "set for the second time"),
 ])
 def test_errors_name_file_and_line(tmp_path, text, line, message):
     path = write(tmp_path, text)
@@ -79,6 +84,18 @@ def test_errors_name_file_and_line(tmp_path, text, line, message):
     assert caught.value.filename == path
     assert caught.value.line == line
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", True),
+    ("smtp_worker_cpu_affinity\n", True),
+    ("smtp_worker_cpu_affinity = no\n", False),
+    ("smtp_worker_cpu_affinity = True\n", True),
+    ("no_smtp_worker_cpu_affinity\n", False),
+    ("not_smtp_worker_cpu_affinity\n", False),
+])
+def test_boolean_options_take_exims_spellings(tmp_path, text, expected):
+    assert load_config(write(tmp_path, text)).smtp_worker_cpu_affinity is expected
 
 
 def test_check_config_command(tmp_path):

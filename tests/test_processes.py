@@ -147,3 +147,48 @@ def test_logs_rotated_away_are_recreated_for_exim_user_on_reload(tmp_path):
     finally:
         server.stop()
         shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize("index, allowed, cpu", [
+    (1, {0, 1}, 0), (2, {0, 1}, 1), (3, {0, 1}, 0), (1, {6, 4}, 4), (2, {6, 4}, 6), (1, {3}, None),
+])
+def test_cpu_for_worker_takes_the_allowed_cpus_in_turn(index, allowed, cpu):
+    from workers.process import cpu_for_worker
+    assert cpu_for_worker(index, allowed) == cpu
+
+
+def allowed_cpus(pid: int) -> str:
+    return proc_status(pid)["Cpus_allowed_list"]
+
+
+def wait_for_worker_records(server, count: int) -> list[dict]:
+    deadline = time.time() + 10
+    while True:
+        records = server.worker_statuses("smtp")
+        if len(records) >= count or time.time() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding needs two CPUs to choose from")
+def test_smtp_workers_are_bound_to_cpus_in_turn_and_status_shows_them(mta):
+    server = mta(workers=2, runners=1)
+    cpus = sorted(os.sched_getaffinity(0))
+    records = sorted(wait_for_worker_records(server, 2), key=lambda record: record["index"])
+    assert [record["cpu"] for record in records] == cpus[:2]
+    assert [allowed_cpus(record["pid"]) for record in records] == [str(cpu) for cpu in cpus[:2]]
+    master_cpus = allowed_cpus(server.process.pid)
+    assert all(allowed_cpus(pid) == master_cpus for pid in server.worker_pids("delivery"))
+    listing = server.cli("status").stdout
+    smtp_rows = [line.split() for line in listing.splitlines() if " smtp " in line]
+    assert sorted(row[6] for row in smtp_rows) == [str(cpu) for cpu in cpus[:2]], listing
+
+
+def test_no_smtp_worker_cpu_affinity_leaves_workers_unbound(mta):
+    server = mta("no_smtp_worker_cpu_affinity", workers=2)
+    records = wait_for_worker_records(server, 2)
+    assert [record["cpu"] for record in records] == [None, None]
+    master_cpus = allowed_cpus(server.process.pid)
+    assert all(allowed_cpus(record["pid"]) == master_cpus for record in records)
+    listing = server.cli("status").stdout
+    assert [line.split()[6] for line in listing.splitlines() if " smtp " in line] == ["-", "-"], listing

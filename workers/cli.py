@@ -194,13 +194,14 @@ def cmd_status(args) -> int:
           + (f"; metrics on {master['metrics']}" if master.get("metrics") else ""))
     print(f"smtp workers: {master.get('smtp_workers', '?')} (smtp_workers = {config.smtp_workers}, "
           "TTIN/TTOU to change)")
-    print(f"{'pid':>7} {'kind':<9} {'index':>5} {'gen':>4} {'age':>8} {'conns':>6}  state")
+    print(f"{'pid':>7} {'kind':<9} {'index':>5} {'gen':>4} {'age':>8} {'conns':>6} {'cpu':>4}  state")
     for worker, status in workers:
         stats = status.get("stats", {})
         state = "retiring" if worker.get("retiring") else ("starting" if not status else "serving")
         conns = stats.get("connections", stats.get("deliveries_in_flight", 0))
+        cpu = status.get("cpu")
         print(f"{worker['pid']:>7} {worker['kind']:<9} {worker['index']:>5} {worker['generation']:>4} "
-              f"{_age(now - worker['started']):>8} {conns:>6}  {state}")
+              f"{_age(now - worker['started']):>8} {conns:>6} {'-' if cpu is None else cpu:>4}  {state}")
     counted = totals(master, workers)
     print(f"queue: {status_files.queue_size(config)} message(s); since start: received {counted.get('received', 0)}, "
           f"delivered {counted.get('delivered', 0)}, deferred {counted.get('deferred', 0)}, "

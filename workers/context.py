@@ -44,3 +44,5 @@ class WorkerContext:
     """Set on a graceful stop: accept no new work, finish what runs, return."""
     stats: dict[str, Any] = field(default_factory=dict)
     """Published to the heartbeat file every second for `mta-server status`."""
+    cpu: int | None = None
+    """The CPU an SMTP worker is bound to (`smtp_worker_cpu_affinity`), if any."""
