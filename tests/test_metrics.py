@@ -221,8 +221,8 @@ def test_status_shows_workers_queue_and_socks_proxies(mta, sink_and_proxy):
     status = wait_for(lambda: (lambda out: out if "delivered 1," in out else None)(server.cli("status").stdout),
                       what="the delivery counted in status")
     assert re.search(r"^master pid \d+, generation 1, up \d+s$", status, re.M)
-    assert re.search(r"^ +\d+ smtp +1 +1 +\d+s +0  serving$", status, re.M)
-    assert re.search(r"^ +\d+ delivery +1 +1 +\d+s +[01]  serving$", status, re.M)
+    assert re.search(r"^ +\d+ smtp +1 +1 +\d+s +0 +(\d+|-)  serving$", status, re.M)
+    assert re.search(r"^ +\d+ delivery +1 +1 +\d+s +[01] +-  serving$", status, re.M)
     assert "queue: 0 message(s); since start: received 1, delivered 1, deferred 0, failed 0" in status
     assert re.search(r"^ratelimit table: 0 of \d+ records used$", status, re.M)
     assert f"socks proxy 127.0.0.1:{proxy.port}: dials 1 failures 0 in use " in status
