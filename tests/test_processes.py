@@ -157,6 +157,22 @@ def test_cpu_for_worker_takes_the_allowed_cpus_in_turn(index, allowed, cpu):
     assert cpu_for_worker(index, allowed) == cpu
 
 
+def test_a_worker_the_kernel_will_not_bind_runs_unbound_and_says_so(monkeypatch):
+    from types import SimpleNamespace
+    from workers import process
+
+    def refuse(pid, cpus):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(process.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(process.os, "sched_setaffinity", refuse)
+    lines = []
+    ctx = SimpleNamespace(index=2, cpu=None, logs=SimpleNamespace(main=lines.append))
+    process.bind_smtp_worker(ctx)
+    assert ctx.cpu is None
+    assert lines == ["smtp worker 2 runs unbound: cannot bind it to a CPU (Operation not permitted)"]
+
+
 def allowed_cpus(pid: int) -> str:
     return proc_status(pid)["Cpus_allowed_list"]
 

@@ -61,7 +61,7 @@ def _set_up_process(ctx: WorkerContext) -> None:
     prctl.set_proctitle(f"mta-server: {ctx.kind} worker {ctx.index} gen {ctx.generation}")
     ctx.logs.set_process(os.getpid())
     if ctx.kind == "smtp" and ctx.config.smtp_worker_cpu_affinity:
-        ctx.cpu = bind_to_cpu(ctx.index)
+        bind_smtp_worker(ctx)
     drop_privileges(ctx.config.exim_user)
     _install_signals(ctx)
 
@@ -81,14 +81,22 @@ def bind_to_cpu(index: int) -> int | None:
     Unbound, the scheduler often woke a worker on the CPU of the process
     that woke it (smtp-source, the disk's interrupt), away from its warm
     caches, and at one session put client and worker on the same CPU in
-    some runs: bound, 3-9 % more messages/s at 1 and at 20 sessions in each
-    of three interleaved rounds against Postfix, ±0 at 100 sessions and 100
-    KiB.  The CPUs are those the master may use (its affinity, a cpuset),
-    so `taskset` on the master chooses them."""
+    some runs.  Bound: 4-9 % more messages/s at 20 sessions in six of six
+    interleaved rounds against Postfix; ±0 at one session, 100 sessions
+    and 100 KiB (README, load testing).  The CPUs are those the master may
+    use (its affinity, a cpuset), so `taskset` on the master chooses them."""
     cpu = cpu_for_worker(index, os.sched_getaffinity(0))
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     return cpu
+
+
+def bind_smtp_worker(ctx: WorkerContext) -> None:
+    """`bind_to_cpu`, or a log line and no binding if the kernel refuses."""
+    try:
+        ctx.cpu = bind_to_cpu(ctx.index)
+    except OSError as exc:  # a CPU taken offline meanwhile, a sandbox that forbids it
+        ctx.logs.main(f"smtp worker {ctx.index} runs unbound: cannot bind it to a CPU ({exc.strerror})")
 
 
 def drop_privileges(user: str) -> None:
