@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from test_operations import wait_for
+
 
 def proc_status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as handle:
@@ -178,12 +180,9 @@ def allowed_cpus(pid: int) -> str:
 
 
 def wait_for_worker_records(server, count: int) -> list[dict]:
-    deadline = time.time() + 10
-    while True:
-        records = server.worker_statuses("smtp")
-        if len(records) >= count or time.time() > deadline:
-            return records
-        time.sleep(0.1)
+    wait_for(lambda: len(server.worker_statuses("smtp")) >= count, timeout=10,
+             what=f"{count} smtp worker status records")
+    return server.worker_statuses("smtp")
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding needs two CPUs to choose from")

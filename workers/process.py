@@ -75,8 +75,9 @@ def cpu_for_worker(index: int, allowed: Iterable[int]) -> int | None:
     return cpus[(index - 1) % len(cpus)]
 
 
-def bind_to_cpu(index: int) -> int | None:
-    """Keep this worker, and the sync thread it starts later, on one CPU.
+def bind_smtp_worker(ctx: WorkerContext) -> None:
+    """Keep this worker, and the sync thread it starts later, on one CPU;
+    if the kernel refuses, say so and run unbound.
 
     Unbound, the scheduler often woke a worker on the CPU of the process
     that woke it (smtp-source, the disk's interrupt), away from its warm
@@ -85,18 +86,15 @@ def bind_to_cpu(index: int) -> int | None:
     interleaved rounds against Postfix; ±0 at one session, 100 sessions
     and 100 KiB (README, load testing).  The CPUs are those the master may
     use (its affinity, a cpuset), so `taskset` on the master chooses them."""
-    cpu = cpu_for_worker(index, os.sched_getaffinity(0))
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
-    return cpu
-
-
-def bind_smtp_worker(ctx: WorkerContext) -> None:
-    """`bind_to_cpu`, or a log line and no binding if the kernel refuses."""
+    cpu = cpu_for_worker(ctx.index, os.sched_getaffinity(0))
+    if cpu is None:
+        return
     try:
-        ctx.cpu = bind_to_cpu(ctx.index)
+        os.sched_setaffinity(0, {cpu})
     except OSError as exc:  # a CPU taken offline meanwhile, a sandbox that forbids it
         ctx.logs.main(f"smtp worker {ctx.index} runs unbound: cannot bind it to a CPU ({exc.strerror})")
+        return
+    ctx.cpu = cpu
 
 
 def drop_privileges(user: str) -> None:
