@@ -2,19 +2,23 @@
 
 A minimal gevent responder (the SMTP verbs answered blindly, the data found
 by a bytes search, no policy, no log) runs as the same number of forked
-processes as mta-server's workers, in two modes:
+processes as mta-server's workers, in three modes:
 
 - `bare`: nothing stored; the cost of gevent, the sockets and smtp-source.
 - `spool`: each message stored through `mta.spool` and the `GroupCommitter`
   exactly as mta-server stores it (two files, rename, syncfs batches, the
   lone session committed inline) before its 250.
+- `onefile`: the same committer, but Postfix's layout: envelope and data
+  in one file, marked complete by its mode before the batch's sync, no
+  rename.  What a one-file spool format would gain over ours.
 
 mta-server and the private Postfix of `smtp_throughput.py` are measured
 in the same run, one peer after the other in each round, each warmed up
 first.  `spool` is the ceiling for mta-server with its storage design:
 what separates the two is our SMTP logic; what separates `spool` from
 `bare` is the storage; `spool/postfix` is the best mta-server / Postfix
-ratio that any SMTP code above this spool could reach.
+ratio that any SMTP code above this spool could reach, `onefile/postfix`
+the same above a one-file spool.
 
     python bench/spool_ceiling.py [--rounds 2] [--workers 2]
 
@@ -42,9 +46,26 @@ from smtp_throughput import (  # noqa: E402
 from harness import free_port  # noqa: E402  (smtp_throughput puts tests/ and the repository on the path)
 from mta.committer import GroupCommitter  # noqa: E402
 from mta.message_id import MessageIdSource  # noqa: E402
-from mta.spool import Envelope, IncomingMessage, Spool  # noqa: E402
+from mta.spool import Envelope, IncomingMessage, Spool, write_all  # noqa: E402
 
 CASES = [("1 KiB x1", 1, 1024, 2000), ("1 KiB x20", 20, 1024, 10000)]
+ONE_FILE_SUFFIX = "M"
+MODES = ("bare", "onefile", "spool")
+
+
+class OneFileMessage(IncomingMessage):
+    """Postfix's queue-file layout, for comparison only: a length-prefixed
+    envelope, then the data, in one file whose mode (0700) says it is
+    complete; the batch's syncfs makes it durable, as it does ours."""
+
+    def write_out(self) -> None:
+        self._data_fd = os.open(self.spool.path(self.id, ONE_FILE_SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                0o600)
+        write_all(self._data_fd, len(self._envelope).to_bytes(4, "big") + self._envelope + self._pending)
+        os.fchmod(self._data_fd, 0o700)
+
+    def publish(self) -> None:
+        """Nothing to rename: the mode set in `write_out` marks the file complete."""
 
 
 class Responder:
@@ -66,7 +87,10 @@ class Responder:
     def count(self) -> int | None:
         if self.name == "bare":
             return None
-        return len(Spool(os.path.join(self.directory, "spool")).message_ids())
+        spool = Spool(os.path.join(self.directory, "spool"))
+        if self.name == "onefile":
+            return sum(name.endswith(f"-{ONE_FILE_SUFFIX}") for name in os.listdir(spool.input))
+        return len(spool.message_ids())
 
     def diagnose(self) -> str:
         return "" if self.process.poll() is None else f"{self.name} exited with {self.process.returncode}"
@@ -103,14 +127,14 @@ def _worker(mode: str, listener: socket.socket, spool_directory: str) -> None:
         """What mta-server does with a message once its data has arrived."""
         envelope = Envelope(id=ids.next_id(), sender="bench@example.org", recipients=["user@localhost"],
                             received_time=time.time(), host_address=peer[0], host_port=peer[1], helo="ceiling")
-        message = IncomingMessage(spool, envelope.id)
+        message = (OneFileMessage if mode == "onefile" else IncomingMessage)(spool, envelope.id)
         message.write(data)
         envelope.size = message.size
         message.finish(envelope)
         committer.commit(message)
         return envelope.id
 
-    storage = store if mode == "spool" else None
+    storage = None if mode == "bare" else store
     server_socket = gevent.socket.socket(fileno=os.dup(listener.fileno()))
     while True:
         sock, peer = server_socket.accept()
@@ -154,8 +178,7 @@ def _session(sock, peer, store, connections) -> None:
 
 
 def measure_all(rounds: int, workers: int) -> dict[tuple[str, str], float]:
-    factories = [lambda: Responder("bare", workers), lambda: Responder("spool", workers), lambda: Mta(workers),
-                 Postfix]
+    factories = [*(lambda mode=mode: Responder(mode, workers) for mode in MODES), lambda: Mta(workers), Postfix]
     best: dict[tuple[str, str], float] = {}
     for round_number in range(1, rounds + 1):
         for factory in factories:
@@ -184,12 +207,14 @@ def main() -> None:
     settle_file_system()
     best = measure_all(args.rounds, args.workers)
     print(f"\nmessages/s, best of {args.rounds} round(s)")
-    print(f"{'case':>11} {'bare':>8} {'spool':>8} {'mta-server':>11} {'postfix':>8}"
-          f" {'spool/bare':>11} {'mta/spool':>10} {'spool/postfix':>14} {'mta/postfix':>12}")
+    print(f"{'case':>11} {'bare':>8} {'onefile':>8} {'spool':>8} {'mta-server':>11} {'postfix':>8}"
+          f" {'spool/bare':>11} {'mta/spool':>10} {'onefile/postfix':>16} {'spool/postfix':>14} {'mta/postfix':>12}")
     for label, *_ in CASES:
-        bare, spool, mta, postfix = (best[(label, name)] for name in ("bare", "spool", "mta-server", "postfix"))
-        print(f"{label:>11} {bare:8.0f} {spool:8.0f} {mta:11.0f} {postfix:8.0f}"
-              f" {spool / bare:11.2f} {mta / spool:10.2f} {spool / postfix:14.2f} {mta / postfix:12.2f}")
+        bare, onefile, spool, mta, postfix = (
+            best[(label, name)] for name in (*MODES, "mta-server", "postfix"))
+        print(f"{label:>11} {bare:8.0f} {onefile:8.0f} {spool:8.0f} {mta:11.0f} {postfix:8.0f}"
+              f" {spool / bare:11.2f} {mta / spool:10.2f} {onefile / postfix:16.2f} {spool / postfix:14.2f}"
+              f" {mta / postfix:12.2f}")
 
 
 if __name__ == "__main__":
