@@ -4,11 +4,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
 
-from harness import find_program
+from harness import REPO, find_program
 from mta.proxy_protocol import build_v1
 from test_proxy_integration import HAPROXY, HAProxy
 from test_smtp_server import send_one
@@ -181,3 +182,33 @@ def test_notify_addresses():
     assert notify_address("/run/systemd/notify") == "/run/systemd/notify"
     assert notify_address("@abstract/name") == b"\0abstract/name"
     assert notify_address("") is None and notify_address("relative") is None and notify_address("@") is None
+
+
+def test_status_right_after_a_detached_start_describes_the_new_master(mta):
+    """The previous master's status file (generation 2 here) stays behind
+    when it stops; the new master replaces it before `start` returns."""
+    server = mta(workers=1)
+    reload_and_settle(server, 2)
+    assert server.stop() == 0
+    started = server.cli("start")
+    try:
+        assert started.returncode == 0, started.stderr
+        pid = int(started.stdout.rsplit("pid ", 1)[1])
+        status = server.cli("status")
+        assert status.stdout.startswith(f"master pid {pid}, generation 1, up "), status.stdout
+    finally:
+        assert server.cli("stop").returncode == 0
+
+
+def test_status_into_a_closed_pipe_ends_quietly(mta):
+    """As in `mta-server status | head -1`, but with the reader gone before
+    the first write, so that the write always fails."""
+    server = mta(workers=1)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "workers.cli", "status", "-C", server.config_path],
+                                cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (1, "")

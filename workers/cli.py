@@ -22,11 +22,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
+    except BrokenPipeError:
+        return _reader_went_away()
     except (ConfigError, OSError) as exc:
         print(f"mta-server: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_went_away() -> int:
+    """`mta-server status | head -1`: stop quietly, as other Unix tools do.
+
+    Standard output goes to /dev/null first, so that the interpreter's own
+    flush at exit cannot fail on the closed pipe a second time.
+    """
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+    return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,6 +201,9 @@ def cmd_status(args) -> int:
         print("mta-server: not running")
         return 3
     master = status_files.master_status(config)
+    if master.get("pid") != pid:  # a previous master's file, in the moment before this one writes its own
+        print(f"master pid {pid}, starting")
+        return 0
     workers = live_workers(master, status_files.worker_statuses(master))
     now = time.time()
     print(f"master pid {pid}, generation {master.get('generation', '?')}, up {_age(now - master.get('started', now))}")

@@ -108,6 +108,7 @@ class Master:
                        + (f", metrics on {self.metrics_listener[0]}" if self.metrics_listener else ""))
         self._log_spool_sync()
         self._spawn_missing()
+        self._write_status()  # before anyone is told we are up: a previous master's file may still be there
         self._notify("READY=1")
 
     def _log_spool_sync(self) -> None:
