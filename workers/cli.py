@@ -22,25 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except BrokenPipeError:
-        return _reader_went_away()
+    except BrokenPipeError:  # `mta-server status | head -1`: stop quietly, as other Unix tools do
+        _redirect_to_devnull(sys.stdout.fileno())  # or the interpreter's flush at exit fails on the pipe again
+        return 1
     except (ConfigError, OSError) as exc:
         print(f"mta-server: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def _reader_went_away() -> int:
-    """`mta-server status | head -1`: stop quietly, as other Unix tools do.
-
-    Standard output goes to /dev/null first, so that the interpreter's own
-    flush at exit cannot fail on the closed pipe a second time.
-    """
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, sys.stdout.fileno())
-    os.close(null)
-    return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,7 +109,7 @@ def _start_detached(config_path: str, config: Config) -> int:
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
-    _redirect_stdio()
+    _redirect_to_devnull(0, 1, 2)
     try:
         code = run_master(config_path, ready=lambda: os.write(write_end, f"ok {os.getpid()}".encode()))
     except (ConfigError, OSError) as exc:
@@ -129,9 +118,9 @@ def _start_detached(config_path: str, config: Config) -> int:
     os._exit(code)
 
 
-def _redirect_stdio() -> None:
+def _redirect_to_devnull(*fds: int) -> None:
     null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in fds:
         os.dup2(null, fd)
     os.close(null)
 
